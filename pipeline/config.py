@@ -1,0 +1,230 @@
+"""Typed configuration: the one home of every default.
+
+A run is described by :class:`Config`. YAML files under ``configs/`` override the defaults and
+``--set a.b.c=value`` overrides the YAML (values parsed as YAML scalars). Everything is validated
+before any Ray work starts; an unknown key or a bad value raises :class:`ConfigError` with one line
+that names the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line naming the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+MotionKind = Literal["static", "linear", "bounce", "appear", "disappear", "color_change"]
+Background = Literal["plain", "gradient", "texture", "photo"]
+
+
+class WorldConfig(_Strict):
+    """The shapes world: a seeded generator of image-caption pairs and videos with QA."""
+
+    seed: int = 0
+    images: int = Field(256, ge=0, description="image-caption pairs (stage-1 material)")
+    videos: int = Field(128, ge=0, description="videos with caption and QA (stage-2 material)")
+    size: int = Field(64, ge=16, le=1024, description="frame height = width in pixels (even)")
+    frames: int = Field(16, ge=2, le=256, description="frames per video")
+    fps: int = Field(8, ge=1, le=120)
+    min_objects: int = Field(2, ge=1)
+    max_objects: int = Field(4, ge=1)
+    object_size: float = Field(0.14, gt=0.0, le=0.5, description="object diameter / frame size")
+    background: Background = "texture"
+    motion: list[MotionKind] = ["static", "linear", "bounce", "appear", "disappear", "color_change"]
+    pan: float = Field(0.0, ge=0.0, le=0.5, description="max camera pan, fraction of frame per video")
+    noise: float = Field(0.0, ge=0.0, le=0.5, description="per-pixel Gaussian noise std (0..1 scale)")
+    shard_size: int = Field(64, ge=1, description="records per parquet shard / video jsonl shard")
+
+    @field_validator("size")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("must be even (H.264 needs even frame sizes)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "WorldConfig":
+        if self.max_objects < self.min_objects:
+            raise ValueError("max_objects must be >= min_objects")
+        if not self.motion:
+            raise ValueError("motion must name at least one kind")
+        return self
+
+
+class S3Config(_Strict):
+    """S3 access. Credentials always come from the standard AWS environment/config/role."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint; default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL"
+    )
+    region: str | None = None
+
+
+class DataConfig(_Strict):
+    """Where shards live and how samples are built from them."""
+
+    image_shards: str = "runs/world/images"
+    video_shards: str = "runs/world/videos"
+    frame_size: int = Field(64, ge=16, description="frames are resized to this square size")
+    pseudo_images: int = Field(4, ge=1, description="k: images per pseudo-video clip")
+    pseudo_repeat: int = Field(4, ge=1, description="F: frames each image is repeated")
+    video_frames: int = Field(16, ge=1, description="T: frames sampled uniformly from a real video")
+    max_caption_words: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1, description="samples per Ray Data batch")
+    s3: S3Config = S3Config()
+
+
+class MLLMConfig(_Strict):
+    path: str = ".cache/score-tiny"
+    kind: Literal["auto", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    compact_positions: bool = Field(False, description="re-index kept tokens 0..K-1 (default keeps original ids)")
+
+
+class PolicyConfig(_Strict):
+    hidden: int = Field(256, ge=8)
+    layers: int = Field(2, ge=0)
+    heads: int = Field(4, ge=1)
+    factorized: bool = Field(True, description="spatial then temporal attention instead of full")
+    init_keep_logit: float = 2.0
+
+
+class StageConfig(_Strict):
+    steps: int = Field(200, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    group_size: int = Field(8, ge=2, description="G masks per sample")
+    batch_size: int = Field(8, ge=1, description="samples per learner step")
+    tau_abs: float = Field(0.05, ge=0)
+    tau_rel: float = Field(0.05, ge=0)
+    penalty: float = Field(1.0, ge=0, description="lambda: sparsity-weighted penalty for violations")
+    entropy: float = Field(1e-3, ge=0, description="beta: entropy bonus")
+    clip: float = Field(0.2, gt=0)
+
+
+class StagesConfig(_Strict):
+    pseudo_video: StageConfig = StageConfig()
+    real_video: StageConfig = StageConfig(lr=1e-4)
+
+
+class RolloutConfig(_Strict):
+    """Rollout actor pool: one frozen-MLLM replica per actor."""
+
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(2, ge=1)
+    num_cpus: float = Field(0.5, gt=0, description="fractional here: a pool of 1-CPU actors cannot grow on 2 CPUs")
+    num_gpus: float = Field(0.0, ge=0)
+    max_staleness: int = Field(2, ge=0, description="max policy versions a rollout may lag")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RolloutConfig":
+        if self.max_actors < self.min_actors:
+            raise ValueError("max_actors must be >= min_actors")
+        return self
+
+
+class RunConfig(_Strict):
+    name: str = Field("score-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    storage: str = "runs"
+    seed: int = 0
+    ray_address: str | None = Field(None, description="existing cluster; default starts a local one")
+
+
+class Config(_Strict):
+    run: RunConfig = RunConfig()
+    world: WorldConfig = WorldConfig()
+    data: DataConfig = DataConfig()
+    mllm: MLLMConfig = MLLMConfig()
+    policy: PolicyConfig = PolicyConfig()
+    stage: StagesConfig = StagesConfig()
+    rollout: RolloutConfig = RolloutConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config: {dotted}: '{k}' is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``'a.b=3'`` -> ``('a.b', 3)``; the value is parsed as a YAML scalar/list."""
+    if "=" not in item:
+        raise ConfigError(f"config: override '{item}' must look like key.path=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"config: override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {key}: cannot parse value {raw!r}: {e.__class__.__name__}") from None
+    return key, value
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"config: unknown key '{key}'"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"config: {key}: {msg}{shown}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated. Raises :class:`ConfigError`."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {p}: not valid YAML ({e.__class__.__name__})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config: {p}: top level must be a mapping")
+        tree = loaded
+    for item in overrides or []:
+        _set_dotted(tree, *parse_override(item))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--config", default=default, help="YAML config file (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="dotted override, e.g. --set stage.real_video.steps=200 (repeatable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load and validate, or exit (status 1) with the one-line error, before any Ray work."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
