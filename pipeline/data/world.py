@@ -1,0 +1,335 @@
+"""The shapes world: a seeded generator of image-caption pairs and videos with captions and QA.
+
+Static textured backgrounds are the redundant tokens; small coloured shapes that move, appear,
+disappear or change colour carry the answers. Every question names or asks about a small object
+(colour, shape, motion direction, colour change, appearance order), so which tokens are kept
+decides whether it can be answered. Each sample is drawn from its own RNG stream
+``(seed, split, kind, index)``: the written shards are reproducible byte for byte, and training
+code can draw unlimited fresh samples from another split without touching the held-out ones.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import WorldConfig
+from pipeline.data.shards import write_image_shard, write_video_shard
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25),
+    "green": (20, 190, 40),
+    "blue": (30, 70, 240),
+    "yellow": (245, 225, 20),
+    "purple": (160, 40, 210),
+    "white": (250, 250, 250),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+QUESTION_TYPES = ("color", "shape", "direction", "change", "order")
+SPLITS = {"eval": 0, "train": 1, "test": 2}
+_KINDS = {"image": 0, "video": 1}
+
+# Word-level vocabulary of everything the world writes (captions, questions, answers).
+_FIXED_WORDS = (
+    "a what color is the shape object which way does move moves stays appears disappears "
+    "turn turns bounces first or then describe video image question answer and"
+).split()
+VOCAB: tuple[str, ...] = tuple(
+    dict.fromkeys(_FIXED_WORDS + list(COLORS) + list(SHAPES) + list(DIRECTIONS) + [".", ",", "?", ":"])
+)
+
+
+@dataclass
+class Obj:
+    """One object's track. ``window`` is the half-open range of frames where it is visible."""
+
+    id: int
+    shape: str
+    color: str
+    motion: str
+    pos: np.ndarray  # [T, 2] centre (x, y) in pixels
+    window: tuple[int, int]
+    new_color: str | None = None
+    change_at: int | None = None
+    direction: str | None = None
+    boxes: list = field(default_factory=list)
+
+    def color_at(self, t: int) -> str:
+        if self.change_at is not None and t >= self.change_at:
+            return self.new_color
+        return self.color
+
+
+def sample_rng(seed: int, split: str, kind: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS[split], _KINDS[kind], index])
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+@functools.lru_cache(maxsize=4)
+def _photos(size: int) -> tuple[np.ndarray, ...]:
+    """Real photos bundled with scikit-image, centre-cropped and resized to ``2*size``."""
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"):
+        a = getattr(data, name)()
+        h, w = a.shape[:2]
+        s = min(h, w)
+        a = a[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+        out.append(np.asarray(Image.fromarray(a).resize((2 * size, 2 * size), Image.BILINEAR)))
+    return tuple(out)
+
+
+def _background(rng: np.random.Generator, cfg: WorldConfig, span: int) -> np.ndarray:
+    """A float [span, span, 3] canvas in 0..1 (larger than the frame when the camera pans)."""
+    kind = cfg.background
+    base = rng.uniform(0.25, 0.55, size=3) * np.array([1.0, 0.95, 0.85])  # muted, low saturation
+    if kind == "plain":
+        return np.broadcast_to(base, (span, span, 3)).copy()
+    yy, xx = np.mgrid[0:span, 0:span] / span
+    if kind == "gradient":
+        a = rng.uniform(0, 2 * np.pi)
+        g = (np.cos(a) * xx + np.sin(a) * yy)[..., None]
+        return np.clip(base + 0.25 * (g - 0.5), 0, 1)
+    if kind == "texture":
+        # Smooth value noise: a few octaves of bilinearly upsampled random grids.
+        tex = np.zeros((span, span))
+        for cells, amp in ((4, 0.5), (8, 0.3), (16, 0.2)):
+            grid = rng.uniform(-1, 1, size=(cells + 1, cells + 1))
+            gy, gx = yy * cells, xx * cells
+            y0, x0 = gy.astype(int), gx.astype(int)
+            fy, fx = gy - y0, gx - x0
+            tex += amp * (
+                grid[y0, x0] * (1 - fy) * (1 - fx) + grid[y0 + 1, x0] * fy * (1 - fx)
+                + grid[y0, x0 + 1] * (1 - fy) * fx + grid[y0 + 1, x0 + 1] * fy * fx
+            )
+        return np.clip(base + 0.18 * tex[..., None], 0, 1)
+    photos = _photos(cfg.size)
+    p = photos[rng.integers(len(photos))].astype(np.float64) / 255.0
+    off = rng.integers(0, p.shape[0] - span + 1, size=2) if p.shape[0] > span else (0, 0)
+    crop = p[off[0] : off[0] + span, off[1] : off[1] + span]
+    return 0.35 + 0.4 * crop  # low contrast so the shapes' colours stay distinct
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    dx, dy = xx - cx, yy - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= 0.82 * r) & (np.abs(dy) <= 0.82 * r)
+    if shape == "triangle":
+        return (dy <= 0.8 * r) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.62)
+    if shape == "cross":
+        arm = 0.33 * r
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+    raise ValueError(f"unknown shape {shape}")
+
+
+def _render(cfg: WorldConfig, rng: np.random.Generator, objs: list[Obj], frames: int) -> np.ndarray:
+    size = cfg.size
+    pan = int(round(cfg.pan * size))
+    canvas = _background(rng, cfg, size + pan)
+    pan_dir = DIRECTIONS[list(DIRECTIONS)[rng.integers(4)]] if pan else (0, 0)
+    r = cfg.object_size * size / 2
+    out = np.empty((frames, size, size, 3), dtype=np.uint8)
+    for t in range(frames):
+        # Camera pan: a window sliding over the larger canvas (objects stay in frame coordinates).
+        s = t / max(frames - 1, 1) * pan
+        ox = int(round(s if pan_dir[0] > 0 else pan - s if pan_dir[0] < 0 else pan / 2))
+        oy = int(round(s if pan_dir[1] > 0 else pan - s if pan_dir[1] < 0 else pan / 2))
+        img = canvas[oy : oy + size, ox : ox + size].copy()
+        for o in objs:
+            if o.window[0] <= t < o.window[1]:
+                cx, cy = o.pos[t]
+                m = _shape_mask(o.shape, cx, cy, r, size)
+                img[m] = np.array(COLORS[o.color_at(t)]) / 255.0
+        if cfg.noise > 0:
+            img = img + rng.normal(0, cfg.noise, size=img.shape)
+        out[t] = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
+    return out
+
+
+def _boxes(o: Obj, r: float, size: int, frames: int) -> list:
+    """Per-frame ``[x0, y0, x1, y1]`` pixel box (``None`` while invisible): the oracle's annotation."""
+    out = []
+    for t in range(frames):
+        if o.window[0] <= t < o.window[1]:
+            cx, cy = o.pos[t]
+            out.append([round(max(cx - r, 0.0), 2), round(max(cy - r, 0.0), 2),
+                        round(min(cx + r, size), 2), round(min(cy + r, size), 2)])
+        else:
+            out.append(None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes
+
+
+def _place(rng: np.random.Generator, n: int, size: int, r: float, margin: float) -> list[np.ndarray]:
+    """n centres, pairwise at least 2.6 r apart (rejection sampling with a bounded number of tries)."""
+    lo, hi = r + margin, size - r - margin
+    pts: list[np.ndarray] = []
+    for _ in range(400):
+        if len(pts) == n:
+            break
+        p = rng.uniform(lo, hi, size=2)
+        if all(np.hypot(*(p - q)) >= 2.6 * r for q in pts):
+            pts.append(p)
+    while len(pts) < n:  # crowded config: accept overlaps rather than loop forever
+        pts.append(rng.uniform(lo, hi, size=2))
+    return pts
+
+
+def _make_objects(rng: np.random.Generator, cfg: WorldConfig, n: int, frames: int, motions: list[str]) -> list[Obj]:
+    size, r = cfg.size, cfg.object_size * cfg.size / 2
+    shapes = rng.permutation(SHAPES)[:n]
+    colors = rng.permutation(list(COLORS))
+    starts = _place(rng, n, size, r, 1.0)
+    objs = []
+    for i in range(n):
+        motion = motions[i]
+        pos = np.repeat(starts[i][None], frames, axis=0)
+        window = (0, frames)
+        o = Obj(id=i, shape=str(shapes[i]), color=str(colors[i]), motion=motion, pos=pos, window=window)
+        if motion == "linear":
+            o.direction = list(DIRECTIONS)[rng.integers(4)]
+            d = np.array(DIRECTIONS[o.direction], dtype=float)
+            travel = rng.uniform(0.35, 0.55) * size
+            lo, hi = r + 1, size - r - 1
+            start = starts[i].copy()
+            # Start far enough back along the direction that the whole path stays in the frame.
+            for axis in (0, 1):
+                if d[axis] > 0:
+                    start[axis] = rng.uniform(lo, hi - travel)
+                elif d[axis] < 0:
+                    start[axis] = rng.uniform(lo + travel, hi)
+            o.pos = start[None] + d[None] * np.linspace(0, travel, frames)[:, None]
+        elif motion == "bounce":
+            v = rng.uniform(-1, 1, size=2)
+            v = v / (np.linalg.norm(v) + 1e-9) * rng.uniform(0.04, 0.08) * size
+            p, lo, hi = starts[i].copy(), r + 1, size - r - 1
+            track = []
+            for _ in range(frames):
+                track.append(p.copy())
+                p = p + v
+                for axis in (0, 1):
+                    if not lo <= p[axis] <= hi:
+                        v[axis] = -v[axis]
+                        p[axis] = np.clip(p[axis], lo, hi)
+            o.pos = np.array(track)
+        elif motion == "appear":
+            o.window = (int(rng.integers(frames // 4, frames - frames // 4)), frames)
+        elif motion == "disappear":
+            o.window = (0, int(rng.integers(frames // 4, frames - frames // 4)))
+        elif motion == "color_change":
+            o.change_at = int(rng.integers(frames // 4, frames - frames // 4))
+            o.new_color = str(colors[n + i % (len(colors) - n)])  # a colour no other object has
+        objs.append(o)
+    for o in objs:
+        o.boxes = _boxes(o, r, size, frames)
+    return objs
+
+
+def _describe(o: Obj) -> str:
+    verb = {
+        "static": "stays",
+        "linear": f"moves {o.direction}",
+        "bounce": "bounces",
+        "appear": "appears",
+        "disappear": "disappears",
+        "color_change": f"turns {o.new_color}",
+    }[o.motion]
+    return f"a {o.color} {o.shape} {verb} ."
+
+
+def _questions(rng: np.random.Generator, objs: list[Obj]) -> list[dict[str, Any]]:
+    """All answerable questions about the scene, each naming the objects it is about."""
+    qs: list[dict[str, Any]] = []
+
+    def add(qtype: str, question: str, answer: str, pool: list[str], about: list[Obj]) -> None:
+        distract = [w for w in pool if w != answer]
+        opts = [answer] + [str(w) for w in rng.permutation(distract)[:3]]
+        qs.append({"type": qtype, "question": question, "answer": answer,
+                   "options": [str(w) for w in rng.permutation(opts)], "objects": [o.id for o in about]})
+
+    for o in objs:
+        if o.motion != "color_change":
+            add("color", f"what color is the {o.shape} ?", o.color, list(COLORS), [o])
+            add("shape", f"what shape is the {o.color} object ?", o.shape, list(SHAPES), [o])
+        else:
+            add("change", f"what color does the {o.shape} turn ?", o.new_color, list(COLORS), [o])
+        if o.motion == "linear":
+            add("direction", f"which way does the {o.color} {o.shape} move ?", o.direction, list(DIRECTIONS), [o])
+    appear = [o for o in objs if o.motion == "appear"]
+    steady = [o for o in objs if o.window[0] == 0 and o.motion != "appear"]
+    for a in appear:
+        for b in steady[:1]:
+            first, other = (b, a)
+            pair = [first.shape, other.shape] if rng.random() < 0.5 else [other.shape, first.shape]
+            add("order", f"which appears first , the {pair[0]} or the {pair[1]} ?", first.shape, pair, [a, b])
+    return qs
+
+
+def make_video(cfg: WorldConfig, rng: np.random.Generator, frames: int | None = None) -> dict[str, Any]:
+    """One video sample: frames uint8 [T,S,S,3], caption, qa list, object tracks."""
+    frames = frames or cfg.frames
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    motions = [str(rng.choice(cfg.motion)) for _ in range(n)]
+    objs = _make_objects(rng, cfg, n, frames, motions)
+    order = sorted(objs, key=lambda o: (o.window[0], o.id))
+    qa = _questions(rng, objs)
+    rng.shuffle(qa)  # qa[0] is the sample's primary question; balanced over types by randomness
+    return {
+        "frames": _render(cfg, rng, objs, frames),
+        "caption": " ".join(_describe(o) for o in order),
+        "qa": qa,
+        "objects": [{"id": o.id, "shape": o.shape, "color": o.color, "motion": o.motion,
+                     "new_color": o.new_color, "direction": o.direction, "boxes": o.boxes} for o in objs],
+    }
+
+
+def make_image(cfg: WorldConfig, rng: np.random.Generator) -> dict[str, Any]:
+    """One image-caption sample: static objects, caption lists them left to right."""
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    objs = _make_objects(rng, cfg, n, 1, ["static"] * n)
+    image = _render(cfg, rng, objs, 1)[0]
+    left_to_right = sorted(objs, key=lambda o: o.pos[0, 0])
+    caption = " , ".join(f"a {o.color} {o.shape}" for o in left_to_right) + " ."
+    return {"image": image, "caption": caption,
+            "objects": [{"id": o.id, "shape": o.shape, "color": o.color, "box": o.boxes[0]} for o in objs]}
+
+
+def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> dict[str, int]:
+    """Write ``out/images/shard-*.parquet`` and ``out/videos/{clips/*.mp4, annotations-*.jsonl}``."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    n_img_shards = 0
+    for start in tqdm(range(0, cfg.images, cfg.shard_size), desc="image shards", disable=not progress):
+        recs = []
+        for i in range(start, min(start + cfg.shard_size, cfg.images)):
+            s = make_image(cfg, sample_rng(cfg.seed, "eval", "image", i))
+            recs.append({"id": f"img-{cfg.seed}-{i:06d}", **s})
+        write_image_shard(out / "images" / f"shard-{n_img_shards:05d}.parquet", recs)
+        n_img_shards += 1
+    n_vid_shards = 0
+    for start in tqdm(range(0, cfg.videos, cfg.shard_size), desc="video shards", disable=not progress):
+        recs = []
+        for i in range(start, min(start + cfg.shard_size, cfg.videos)):
+            s = make_video(cfg, sample_rng(cfg.seed, "eval", "video", i))
+            recs.append({"id": f"vid-{cfg.seed}-{i:06d}", **s})
+        write_video_shard(out / "videos", n_vid_shards, recs, fps=cfg.fps)
+        n_vid_shards += 1
+    (out / "world.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+    return {"images": cfg.images, "videos": cfg.videos, "image_shards": n_img_shards, "video_shards": n_vid_shards}

@@ -1,0 +1,108 @@
+"""Typed config (defaults <- YAML <- dotted overrides, one-line errors) and the shapes world."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.data.world import QUESTION_TYPES, VOCAB, make_video, sample_rng
+from pipeline.config import WorldConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("run: {name: exp1}\nstage:\n  real_video: {steps: 50}\n")
+    cfg = load_config(p, ["stage.real_video.steps=200", "world.motion=[linear, appear]", "data.s3.endpoint_url=http://127.0.0.1:9"])
+    assert cfg.run.name == "exp1"
+    assert cfg.stage.real_video.steps == 200
+    assert cfg.stage.pseudo_video.steps == load_config().stage.pseudo_video.steps
+    assert cfg.world.motion == ["linear", "appear"]
+    assert cfg.data.s3.endpoint_url == "http://127.0.0.1:9"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stage.real_video.stepz=1", "config: unknown key 'stage.real_video.stepz'"),
+        ("stage.real_video.steps=-1", "config: stage.real_video.steps: Input should be greater than or equal to 1"),
+        ("world.size=63", "config: world.size: must be even"),
+        ("world.background=mars", "config: world.background: Input should be"),
+        ("rollout.max_actors=0", "config: rollout.max_actors"),
+        ("nonsense", "config: override 'nonsense' must look like key.path=value"),
+    ],
+)
+def test_bad_config_is_one_clear_line(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_configs_directory_validates():
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert files, "configs/ must hold at least the demo config"
+    for f in files:
+        load_config(f)
+
+
+def test_job_rejects_bad_config_before_work(tmp_path):
+    out = tmp_path / "w"
+    r = subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(out), "--objects", "5-2"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "max_objects must be >= min_objects" in r.stderr
+    assert not out.exists()
+
+
+def test_world_is_deterministic_and_readable(tmp_path):
+    args = ["--images", "20", "--videos", "6", "--seed", "3", "--frames", "8", "--quiet"]
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(tmp_path / name), *args], check=True)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) >= 6 + 2
+    for f in files_a:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    table = pq.read_table(tmp_path / "a/images/shard-00000.parquet")
+    assert table.column_names == ["id", "image", "caption", "objects"] and table.num_rows == 20
+    anns = [json.loads(line) for line in (tmp_path / "a/videos/annotations-00000.jsonl").read_text().splitlines()]
+    assert len(anns) == 6 and all((tmp_path / "a/videos" / a["video"]).stat().st_size > 0 for a in anns)
+    assert all(a["frames"] == 8 and len(o["boxes"]) == 8 for a in anns for o in a["objects"])
+    # a different seed gives a different world
+    subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(tmp_path / "c"), *args[:4], "--seed", "4", "--frames", "8", "--quiet"], check=True)
+    assert (tmp_path / "c/videos/annotations-00000.jsonl").read_bytes() != (tmp_path / "a/videos/annotations-00000.jsonl").read_bytes()
+
+
+def test_questions_are_about_small_objects_and_use_the_vocabulary():
+    cfg = WorldConfig(frames=16)
+    seen_types = set()
+    r = cfg.object_size * cfg.size / 2
+    for i in range(200):
+        v = make_video(cfg, sample_rng(0, "eval", "video", i))
+        words = set(v["caption"].split())
+        for q in v["qa"]:
+            seen_types.add(q["type"])
+            words |= set(q["question"].split()) | {q["answer"]} | set(q["options"])
+            assert q["answer"] in q["options"] and len(set(q["options"])) == len(q["options"])
+            assert q["objects"], "every question is about at least one object"
+            # the question's objects cover a small fraction of the frame (redundant background)
+            area = sum(1 for o in v["objects"] if o["id"] in q["objects"] for b in o["boxes"] if b)
+            assert area * (2 * r) ** 2 <= 0.1 * cfg.frames * cfg.size**2 * len(q["objects"])
+        assert words <= set(VOCAB), words - set(VOCAB)
+    assert seen_types == set(QUESTION_TYPES)
+
+
+def test_pan_and_noise_change_pixels_but_not_annotations():
+    base = make_video(WorldConfig(frames=6), sample_rng(0, "eval", "video", 1))
+    panned = make_video(WorldConfig(frames=6, pan=0.2, noise=0.03), sample_rng(0, "eval", "video", 1))
+    assert base["qa"] == panned["qa"] and base["caption"] == panned["caption"]
+    # plain camera: background residuals are zero where no object is; a panning camera moves them
+    assert not np.array_equal(base["frames"], panned["frames"])
+    assert np.abs(np.diff(panned["frames"].astype(int), axis=0)).mean() > np.abs(np.diff(base["frames"].astype(int), axis=0)).mean()
