@@ -1,0 +1,376 @@
+"""Ray Data streams of training samples over image/video shards (local or ``s3://``).
+
+Three datasets, all lazy and streaming (Ray Data's streaming executor with its default
+backpressure; nothing is materialised beyond the blocks in flight):
+
+- :func:`image_dataset`: one task per parquet shard; rows ``{sample_id "img:<id>", kind "image",
+  id, image uint8 [S,S,3], caption, objects (JSON), source}``.
+- :func:`pseudo_video_dataset` (stage 1): one task per parquet shard decodes its images and groups
+  k consecutive good images (file order or a seeded permutation per shard) into clips of k*F frames.
+  A task holds one shard's encoded rows (not its decoded images) while grouping; groups never
+  cross shards, and a resumed run re-decodes consumed shards to find its place (images decode fast).
+- :func:`video_dataset` (stage 2): the driver reads the small jsonl annotation index (so decoding
+  is spread over many tasks even when a data set ships one huge jsonl, and resumed runs skip
+  consumed videos before any bytes are read); tasks read and decode ``batch_size`` clips each.
+
+Training samples (pseudo and real video) share one schema::
+
+    sample_id   str        stable: "pv:<id1>+<id2>+..." | "vid:<id>"
+    kind        str        "pseudo_video" | "video"
+    frames      uint8      [T,S,S,3]   (T = k*F for pseudo videos, data.video_frames for videos)
+    caption     str        the target text (pseudo: captions joined in order, see join_captions)
+    qa          str        JSON list of {question, answer, options, ...} ("[]" for pseudo videos)
+    objects     str        JSON object annotations (pseudo: one entry per segment)
+    segments    list[int]  frame index where each source image starts ([0] for videos)
+    source_ids  list[str]  source image ids / the video id
+    source      str        shard / annotation file the sample came from
+
+Order is deterministic: shards sorted by path, ``preserve_order`` set on the dataset's context.
+Resume: pass the consumed ``sample_id``s as ``skip_ids``; the stream yields exactly the rest in the
+same order. Bad input goes to the dataset's :class:`QuarantineLog` (``quarantine_of(ds)``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import ray
+import ray.data
+
+from pipeline.config import Config, DataConfig
+from pipeline.data import readers
+from pipeline.data.pseudo_video import group_consecutive, make_pseudo_video, shard_order
+from pipeline.data.quarantine import BadSample, QuarantineLog, QuarantineRecord, format_counts
+from pipeline.ray_utils import ensure_ray
+
+SAMPLE_COLUMNS = ("sample_id", "kind", "frames", "caption", "qa", "objects", "segments", "source_ids", "source")
+IMAGE_PREFIX = "img:"
+VIDEO_PREFIX = "vid:"
+_QUARANTINE_ATTR = "_score_quarantine"
+
+
+def _resolve(cfg: Config | DataConfig) -> tuple[DataConfig, str | None]:
+    if isinstance(cfg, Config):
+        return cfg.data, cfg.run.ray_address
+    if isinstance(cfg, DataConfig):
+        return cfg, None
+    raise TypeError(f"expected Config or DataConfig, got {type(cfg).__name__}")
+
+
+def quarantine_of(ds: ray.data.Dataset) -> QuarantineLog:
+    """The :class:`QuarantineLog` of a dataset returned by this module (not of derived datasets:
+    pass your own ``quarantine=`` to keep the handle)."""
+    log = getattr(ds, _QUARANTINE_ATTR, None)
+    if log is None:
+        raise ValueError("this dataset has no quarantine log attached; pass quarantine= when creating it")
+    return log
+
+
+def _finish(ds: ray.data.Dataset, log: QuarantineLog, name: str) -> ray.data.Dataset:
+    # the context object is shared by every dataset derived from ``ds``
+    ds.context.execution_options.preserve_order = True
+    ds.set_name(name)
+    setattr(ds, _QUARANTINE_ATTR, log)
+    return ds
+
+
+def _shard_items(paths: list[str]) -> ray.data.Dataset:
+    items = [{"path": p, "shard_index": i} for i, p in enumerate(paths)]
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+
+
+def _to_batch(rows: list[dict], columns: Iterable[str]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for c in columns:
+        vals = [r[c] for r in rows]
+        if isinstance(vals[0], np.ndarray):
+            out[c] = np.stack(vals)
+        else:
+            arr = np.empty(len(vals), dtype=object)
+            arr[:] = vals
+            out[c] = arr
+    return out
+
+
+class _Emitter:
+    """Collects samples into batches and quarantine records, flushing records before each batch."""
+
+    def __init__(self, log: QuarantineLog, batch_size: int, columns: Iterable[str]):
+        self.log, self.batch_size, self.columns = log, batch_size, tuple(columns)
+        self.rows: list[dict] = []
+        self.bad: list[QuarantineRecord] = []
+
+    def add(self, row: dict) -> Iterator[dict[str, np.ndarray]]:
+        self.rows.append(row)
+        if len(self.rows) >= self.batch_size:
+            yield from self.flush()
+
+    def flush(self) -> Iterator[dict[str, np.ndarray]]:
+        # records reach the actor before the batch that follows them reaches the consumer
+        self.log.add(self.bad)
+        self.bad = []
+        if self.rows:
+            batch, self.rows = _to_batch(self.rows, self.columns), []
+            yield batch
+
+
+def _read_shard_rows(path: str, dcfg: DataConfig, kind: str, em: _Emitter) -> list[dict]:
+    """All rows (encoded) of a shard that could be read; an unreadable shard or tail is quarantined."""
+    rows: list[dict] = []
+    try:
+        for row in readers.iter_image_shard(path, dcfg.s3):
+            rows.append(row)
+    except BadSample as e:
+        em.bad.append(QuarantineRecord.from_error(e, id=os.path.basename(path), source=path, kind=kind))
+    except Exception as e:  # noqa: BLE001
+        em.bad.append(QuarantineRecord.unexpected(e, id=os.path.basename(path), source=path, kind=kind, stage="read"))
+    return rows
+
+
+def _good_images(rows: Iterable[dict], path: str, dcfg: DataConfig, kind: str, em: _Emitter,
+                 skip: frozenset[str] = frozenset()) -> Iterator[dict]:
+    for row in rows:
+        rid = str(row.get("id") or "")
+        if skip and (rid in skip or IMAGE_PREFIX + rid in skip):
+            continue
+        try:
+            yield readers.load_image(row, dcfg.frame_size, dcfg.max_caption_words)
+        except BadSample as e:
+            em.bad.append(QuarantineRecord.from_error(e, id=rid, source=path, kind=kind))
+        except Exception as e:  # noqa: BLE001
+            em.bad.append(QuarantineRecord.unexpected(e, id=rid, source=path, kind=kind, stage="decode"))
+
+
+# ---------------------------------------------------------------------------------------------
+# map functions (run in Ray Data tasks)
+
+_IMAGE_COLUMNS = ("sample_id", "kind", "id", "image", "caption", "objects", "source")
+
+
+def _image_shards_fn(batch, *, dcfg: DataConfig, skip: frozenset[str], log: QuarantineLog):
+    for path in batch["path"]:
+        path = str(path)
+        em = _Emitter(log, dcfg.batch_size, _IMAGE_COLUMNS)
+        rows = _read_shard_rows(path, dcfg, "image", em)
+        for img in _good_images(rows, path, dcfg, "image", em, skip):
+            row = {"sample_id": IMAGE_PREFIX + img["id"], "kind": "image", "source": path, **img}
+            row["objects"] = row["objects"] or ""
+            yield from em.add(row)
+        yield from em.flush()
+
+
+def _pseudo_shards_fn(batch, *, dcfg: DataConfig, seed: int | None, skip: frozenset[str], log: QuarantineLog):
+    kind = "pseudo_video"
+    for path in batch["path"]:
+        path = str(path)
+        em = _Emitter(log, dcfg.batch_size, SAMPLE_COLUMNS)
+        rows = _read_shard_rows(path, dcfg, kind, em)
+        order = shard_order(len(rows), seed, os.path.basename(path))
+        good = list(_good_images((rows[i] for i in order), path, dcfg, kind, em))
+        if 0 < len(good) < dcfg.pseudo_images:  # not enough for one clip: count, never lose silently
+            em.bad.extend(QuarantineRecord(id=g["id"], source=path, reason="too_few_images", stage="synthesize",
+                                           kind=kind, detail=f"{len(good)} < {dcfg.pseudo_images}") for g in good)
+        for group in group_consecutive(good, dcfg.pseudo_images):
+            ids = [g["id"] for g in group]
+            try:
+                s = make_pseudo_video([g["image"] for g in group], [g["caption"] for g in group], ids,
+                                      dcfg.pseudo_repeat, [g["objects"] for g in group])
+            except Exception as e:  # noqa: BLE001
+                for i in ids:
+                    em.bad.append(QuarantineRecord.unexpected(e, id=i, source=path, kind=kind, stage="synthesize"))
+                continue
+            if s["sample_id"] in skip:
+                continue
+            s.update(kind=kind, qa="[]", source=path)
+            yield from em.add(s)
+        yield from em.flush()
+
+
+def _videos_fn(batch, *, dcfg: DataConfig, log: QuarantineLog):
+    kind = "video"
+    em = _Emitter(log, dcfg.batch_size, SAMPLE_COLUMNS)
+    for i in range(len(batch["id"])):
+        h, w = int(batch["height"][i]), int(batch["width"][i])
+        rec = {
+            "id": str(batch["id"][i]), "video": str(batch["video"][i]), "caption": batch["caption"][i],
+            "qa": str(batch["qa"][i]), "objects": str(batch["objects"][i]), "hw": (h, w) if h and w else None,
+        }
+        source = str(batch["source"][i])
+        try:
+            v = readers.load_video(rec, dcfg.video_frames, dcfg.frame_size, dcfg.max_caption_words, dcfg.s3)
+        except BadSample as e:
+            em.bad.append(QuarantineRecord.from_error(e, id=rec["id"], source=rec["video"], kind=kind))
+            continue
+        except Exception as e:  # noqa: BLE001
+            em.bad.append(QuarantineRecord.unexpected(e, id=rec["id"], source=rec["video"], kind=kind, stage="decode"))
+            continue
+        yield from em.add({
+            "sample_id": VIDEO_PREFIX + v["id"], "kind": kind, "frames": v["frames"], "caption": v["caption"],
+            "qa": v["qa"], "objects": v["objects"], "segments": [0], "source_ids": [v["id"]], "source": source,
+        })
+    yield from em.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# public datasets
+
+
+def _image_shard_paths(dcfg: DataConfig) -> list[str]:
+    paths = readers.list_image_shards(dcfg.image_shards, dcfg.s3)
+    if not paths:
+        raise FileNotFoundError(f"no image shards (*.parquet) under data.image_shards={dcfg.image_shards!r}")
+    return paths
+
+
+def image_dataset(cfg: Config | DataConfig, *, skip_ids: Iterable[str] = (),
+                  quarantine: QuarantineLog | None = None) -> ray.data.Dataset:
+    """Decoded image-caption pairs (resized to ``frame_size``), shards in sorted order."""
+    dcfg, address = _resolve(cfg)
+    ensure_ray(address)
+    log = quarantine or QuarantineLog()
+    ds = _shard_items(_image_shard_paths(dcfg)).map_batches(
+        _image_shards_fn, batch_size=1, batch_format="numpy",
+        fn_kwargs=dict(dcfg=dcfg, skip=frozenset(skip_ids), log=log),
+    )
+    return _finish(ds, log, "images")
+
+
+def pseudo_video_dataset(cfg: Config | DataConfig, seed: int | None = 0, *, skip_ids: Iterable[str] = (),
+                         quarantine: QuarantineLog | None = None) -> ray.data.Dataset:
+    """Stage-1 pseudo-video samples (see module doc); ``seed=None`` groups in file order."""
+    dcfg, address = _resolve(cfg)
+    ensure_ray(address)
+    log = quarantine or QuarantineLog()
+    ds = _shard_items(_image_shard_paths(dcfg)).map_batches(
+        _pseudo_shards_fn, batch_size=1, batch_format="numpy",
+        fn_kwargs=dict(dcfg=dcfg, seed=seed, skip=frozenset(skip_ids), log=log),
+    )
+    return _finish(ds, log, "pseudo_video")
+
+
+def build_video_index(dcfg: DataConfig, log: QuarantineLog, skip_ids: Iterable[str] = ()) -> list[dict]:
+    """Driver side: every annotation record in shard order, minus skipped ids; bad lines, unreadable
+    jsonl files and duplicate ids go to ``log``."""
+    files = readers.list_video_annotations(dcfg.video_shards, dcfg.s3)
+    if not files:
+        raise FileNotFoundError(f"no video annotations (*.jsonl) under data.video_shards={dcfg.video_shards!r}")
+    skip = frozenset(skip_ids)
+    seen: set[str] = set()
+    out: list[dict] = []
+    bad: list[QuarantineRecord] = []
+    for path in files:
+        try:
+            entries = readers.read_video_index(path, dcfg.s3)
+        except BadSample as e:
+            bad.append(QuarantineRecord.from_error(e, id=os.path.basename(path), source=path, kind="video"))
+            continue
+        for ent in entries:
+            if isinstance(ent, BadSample):
+                rid = getattr(ent, "id", "") or f"{os.path.basename(path)}:{getattr(ent, 'line', '?')}"
+                bad.append(QuarantineRecord.from_error(ent, id=rid, source=path, kind="video"))
+                continue
+            if ent["id"] in seen:
+                bad.append(QuarantineRecord(id=ent["id"], source=path, reason="bad_annotation", stage="read",
+                                            kind="video", detail=f"line {ent['line']}: duplicate id"))
+                continue
+            seen.add(ent["id"])
+            if ent["id"] in skip or VIDEO_PREFIX + ent["id"] in skip:
+                continue
+            hw = ent.pop("hw")
+            ent["height"], ent["width"] = (hw or (0, 0))
+            ent["caption"] = ent["caption"] if isinstance(ent["caption"], str) else ""
+            out.append(ent)
+    log.add(bad)
+    return out
+
+
+def video_dataset(cfg: Config | DataConfig, *, skip_ids: Iterable[str] = (),
+                  quarantine: QuarantineLog | None = None) -> ray.data.Dataset:
+    """Stage-2 real-video samples: T frames sampled uniformly, resized to ``frame_size``."""
+    dcfg, address = _resolve(cfg)
+    ensure_ray(address)
+    log = quarantine or QuarantineLog()
+    index = build_video_index(dcfg, log, skip_ids)
+    per_block = dcfg.batch_size
+    ds = ray.data.from_items(index, override_num_blocks=max(1, math.ceil(len(index) / per_block)))
+    ds = ds.map_batches(_videos_fn, batch_size=per_block, batch_format="numpy",
+                        fn_kwargs=dict(dcfg=dcfg, log=log))
+    return _finish(ds, log, "video")
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+
+
+@dataclass
+class StreamSummary:
+    samples: int = 0
+    per_kind: dict[str, int] = field(default_factory=dict)
+    quarantined: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    frame_shapes: list[tuple] = field(default_factory=list)
+    sample_ids: list[str] = field(default_factory=list)
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def quarantined_total(self) -> int:
+        return sum(self.quarantined.values())
+
+    def __str__(self) -> str:
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.per_kind.items())) or "none"
+        shapes = ", ".join("x".join(map(str, s)) for s in self.frame_shapes)
+        return (
+            f"streamed {self.samples} samples ({kinds}) in {self.seconds:.1f} s, {self.clips_per_s:.1f} clips/s"
+            + (f"; frames {shapes}" if shapes else "")
+            + "\n" + format_counts(self.quarantined)
+        )
+
+
+def summarize_stream(ds: ray.data.Dataset, quarantine: QuarantineLog | None = None, *,
+                     limit: int | None = None, batch_size: int = 8, keep_ids: bool = False) -> StreamSummary:
+    """Iterate ``ds`` (up to ``limit`` samples): samples per kind, quarantine counts by reason, clips/s.
+
+    The quarantine counts are the log's counts after the iteration (the whole log if it is shared).
+    """
+    log = quarantine or quarantine_of(ds)
+    s = StreamSummary()
+    kinds: Counter[str] = Counter()
+    shapes: list[tuple] = []
+    t0 = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        n = len(batch["sample_id"])
+        if limit is not None:
+            n = min(n, limit - s.samples)
+        key = "frames" if "frames" in batch else "image"
+        for i in range(n):
+            kinds[str(batch["kind"][i])] += 1
+            shp = tuple(np.asarray(batch[key][i]).shape)
+            if shp not in shapes:
+                shapes.append(shp)
+            if keep_ids:
+                s.sample_ids.append(str(batch["sample_id"][i]))
+        s.samples += n
+        if limit is not None and s.samples >= limit:
+            break
+    s.seconds = time.perf_counter() - t0
+    s.per_kind = dict(kinds)
+    s.frame_shapes = shapes
+    s.quarantined = log.counts()
+    return s
+
+
+def iter_samples(ds: ray.data.Dataset, batch_size: int = 8) -> Iterator[dict[str, Any]]:
+    """Row dicts from a sample dataset, in order (a thin convenience over ``iter_batches``)."""
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        cols = list(batch)
+        for i in range(len(batch[cols[0]])):
+            yield {c: batch[c][i] for c in cols}

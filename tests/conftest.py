@@ -1,0 +1,249 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+# ---------------------------------------------------------------- Ray local cluster + S3 server
+# (data-stream fixtures; self-contained: only the standard library, ray and boto3)
+import socket as _socket
+import subprocess as _subprocess
+import sys as _sys
+import time as _time
+import urllib.request as _urlreq
+from pathlib import Path as _Path
+
+# dummy credentials for the loopback S3 server; Ray workers get them through the job's runtime_env
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (2 CPUs, no dashboard) shared by the whole session; yields
+    ``ray.cluster_resources()``. Reuses one already started in this process."""
+    import ray
+
+    from pipeline.ray_utils import ensure_ray
+
+    started = not ray.is_initialized()
+    resources = ensure_ray(
+        None, num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2,
+        log_to_driver=False, runtime_env={"env_vars": dict(S3_TEST_ENV)},
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield resources
+    if started:
+        ray.shutdown()
+
+
+def _free_port() -> int:
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (``moto_server`` from moto[server]) on 127.0.0.1, started as a subprocess
+    for the session and stopped at the end. Yields its endpoint URL."""
+    exe = _Path(_sys.executable).with_name("moto_server")
+    if not exe.exists():
+        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = _subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=_subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = _time.monotonic() + 30
+    while True:
+        try:
+            _urlreq.urlopen(url + "/moto-api/", timeout=1).close()
+            break
+        except Exception:  # noqa: BLE001
+            if proc.poll() is not None or _time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not start on {url}")
+            _time.sleep(0.2)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except _subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Driver-side AWS environment for the loopback server (endpoint + dummy credentials)."""
+    for k, v in S3_TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    return s3_server
+
+
+def upload_dir(local: str | _Path, bucket: str, prefix: str, endpoint: str) -> str:
+    """Upload a local folder with boto3; returns ``s3://bucket/prefix``."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    local = _Path(local)
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        s3.upload_file(str(f), bucket, f"{prefix.strip('/')}/{f.relative_to(local).as_posix()}")
+    return f"s3://{bucket}/{prefix.strip('/')}"
+
+
+# ---------------------------------------------------------------- small shards built with shards.py
+def make_images(n: int, size: int = 24, seed: int = 0, prefix: str = "img"):
+    """n distinct random RGB images with captions ``"<prefix> <i> shows shape <i>"``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [
+        {"id": f"{prefix}{i:03d}", "image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+         "caption": f"{prefix} {i} shows shape {i}", "objects": [{"id": i, "shape": "square"}]}
+        for i in range(n)
+    ]
+
+
+def moving_square(frames: int = 12, size: int = 32, step: int = 2):
+    """uint8 [T,size,size,3]: a white square moving right on grey; frame t has intensity mark t."""
+    import numpy as np
+
+    out = np.full((frames, size, size, 3), 60, dtype=np.uint8)
+    for t in range(frames):
+        x = (t * step) % (size - 8)
+        out[t, 8:16, x:x + 8] = 255
+    return out
+
+
+def make_videos(n: int, frames: int = 12, size: int = 32, prefix: str = "vid"):
+    return [
+        {"id": f"{prefix}{i:03d}", "frames": moving_square(frames, size, step=1 + i % 3),
+         "caption": f"a white square moves right {i}",
+         "qa": [{"question": "which way does the square move", "answer": "right", "options": ["left", "right"]}],
+         "objects": [{"id": 0, "shape": "square", "color": "white"}]}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def shard_root(tmp_path_factory):
+    """``root/images/shard-0000{0,1}.parquet`` (2 x 8 images, 24x24) and ``root/videos`` (5 clips,
+    12 frames, 32x32, one jsonl), written with the real writers of pipeline.data.shards."""
+    from pipeline.data.shards import write_image_shard, write_video_shard
+
+    root = tmp_path_factory.mktemp("shards")
+    imgs = make_images(16)
+    write_image_shard(root / "images" / "shard-00000.parquet", imgs[:8])
+    write_image_shard(root / "images" / "shard-00001.parquet", imgs[8:])
+    write_video_shard(root / "videos", 0, make_videos(5), fps=8)
+    return root
+
+
+
+# ---------------------------------------------------------------- tiny random MLLMs (CPU, float32)
+TINY_KINDS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3")
+TINY_WORDS = (
+    "what color shape is the a an circle square triangle cross red blue green yellow "
+    "moves left right up down first then and it which object appears video describe answer"
+).split()
+
+
+def build_tiny_mllm(kind: str, *, vision_layers: int = 1, seed: int = 0):
+    """``(model, tokenizer)``: a tiny random model of ``kind`` (float32, sdpa, eval) over the
+    word-level tokenizer. LLaVA-OV: SigLIP 16x16 frames, patch 4 -> 2x2 tokens per frame
+    (``vision_layers=0`` is the score-tiny layout); Qwen: patch 4, merge 2, temporal patch 2;
+    Idefics3: 16x16, patch 4, scale factor 2 -> 2x2 tokens per frame."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    import torch
+
+    from pipeline.mllm.idefics3 import SPECIAL_TOKENS as IDEFICS_TOKENS
+    from pipeline.mllm.tokenizer import build_word_tokenizer
+
+    special = ["<video>", "<image>"] + (IDEFICS_TOKENS[1:] if kind == "idefics3" else [])
+    tok = build_word_tokenizer(TINY_WORDS, special)
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    text = dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **ids,
+    )
+    video_id, image_id = tok.convert_tokens_to_ids("<video>"), tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(seed)
+    if kind == "llava_onevision":
+        cfg = LlavaOnevisionConfig(
+            vision_config=dict(
+                model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                num_hidden_layers=vision_layers, num_attention_heads=2, image_size=16, patch_size=4,
+            ),
+            text_config=dict(model_type="qwen2", **text),
+            image_token_index=image_id, video_token_index=video_id,
+            vision_feature_layer=-1, vision_feature_select_strategy="full",
+        )
+        cls = LlavaOnevisionForConditionalGeneration
+    elif kind in ("qwen2_vl", "qwen2_5_vl"):
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+        if kind == "qwen2_vl":
+            vis = dict(depth=vision_layers, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4,
+                       temporal_patch_size=2, spatial_merge_size=2)
+            cfg, cls = Qwen2VLConfig(vision_config=vis, text_config=text, video_token_id=video_id, image_token_id=image_id), Qwen2VLForConditionalGeneration
+        else:
+            vis = dict(depth=max(vision_layers, 2), hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4,
+                       temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=32, window_size=16,
+                       fullatt_block_indexes=[1], tokens_per_second=2)
+            cfg, cls = Qwen2_5_VLConfig(vision_config=vis, text_config=text, video_token_id=video_id, image_token_id=image_id), Qwen2_5_VLForConditionalGeneration
+    elif kind == "idefics3":
+        cfg = Idefics3Config(
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=vision_layers,
+                               num_attention_heads=2, image_size=16, patch_size=4),
+            text_config=dict(model_type="llama", **text),
+            image_token_id=image_id, scale_factor=2, pad_token_id=tok.pad_token_id,
+        )
+        cls = Idefics3ForConditionalGeneration
+    else:
+        raise ValueError(kind)
+    cfg._attn_implementation = "sdpa"
+    return cls(cfg).eval(), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_mllm():
+    """Factory: ``tiny_mllm(kind, vision_layers=1, **adapter_kwargs) -> MLLMAdapter`` over a
+    cached tiny model (Qwen kinds default to ``frame_size=(16, 24)``: 2x3 tokens per step)."""
+    from pipeline.mllm.loader import adapter_for
+
+    cache: dict = {}
+
+    def make(kind: str, vision_layers: int = 1, **kwargs):
+        key = (kind, vision_layers)
+        if key not in cache:
+            cache[key] = build_tiny_mllm(kind, vision_layers=vision_layers)
+        model, tok = cache[key]
+        if kind.startswith("qwen"):
+            kwargs.setdefault("frame_size", (16, 24))
+        return adapter_for(model, tok, **kwargs)
+
+    return make
