@@ -93,6 +93,31 @@ class MLLMConfig(_Strict):
     compact_positions: bool = Field(False, description="re-index kept tokens 0..K-1 (default keeps original ids)")
 
 
+class ReferenceConfig(_Strict):
+    """score-tiny: the embedded frozen MLLM, a tiny LLaVA-OneVision pre-trained on the shapes world.
+
+    Its vision tower has no encoder layer (patch embedding only), so each visual token sees only
+    its own patch: an object's colour is not spread over every token of the frame.
+    """
+
+    hidden: int = Field(128, ge=16)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    vision_hidden: int = Field(64, ge=8)
+    patch: int = Field(8, ge=2, description="vision patch size; 2x2 pooling follows (LLaVA-OV video path)")
+    steps: int = Field(2500, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup: int = Field(100, ge=0)
+    tokens_per_batch: int = Field(4096, ge=64, description="visual+text tokens per step; batch size follows T")
+    max_batch: int = Field(64, ge=1)
+    token_dropout: float = Field(0.3, ge=0.0, lt=1.0, description="max random visual-token dropout (half the samples)")
+    caption_fraction: float = Field(0.25, ge=0.0, le=1.0, description="share of caption targets (rest: QA)")
+    eval_videos: int = Field(200, ge=1)
+    eval_every: int = Field(500, ge=1)
+    seed: int = 0
+    min_qa_accuracy: float = Field(0.9, ge=0.0, le=1.0, description="the build fails below this on held-out videos")
+
+
 class PolicyConfig(_Strict):
     hidden: int = Field(256, ge=8)
     layers: int = Field(2, ge=0)
@@ -146,6 +171,7 @@ class Config(_Strict):
     world: WorldConfig = WorldConfig()
     data: DataConfig = DataConfig()
     mllm: MLLMConfig = MLLMConfig()
+    reference: ReferenceConfig = ReferenceConfig()
     policy: PolicyConfig = PolicyConfig()
     stage: StagesConfig = StagesConfig()
     rollout: RolloutConfig = RolloutConfig()

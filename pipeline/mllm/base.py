@@ -480,11 +480,16 @@ class MLLMAdapter(ABC):
         if targets is None:
             raise ValueError("score needs targets")
         with torch.inference_mode():
-            batch = self._masked_batch(X, keep, prompts, targets)
-            hidden = self._lm(batch).last_hidden_state
-            sums, counts = self._target_nll(hidden, batch)
-            ce = (sums / counts.clamp(min=1)).view(len(prompts), -1)
+            ce = self.target_ce(X, keep, prompts, targets)
         return ce.clone()
+
+    def target_ce(self, X: torch.Tensor, keep: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+        """:meth:`score` without inference mode, so gradients flow: pre-training the project's
+        own reference model goes through the same masked path that scores rollouts."""
+        batch = self._masked_batch(X, keep, prompts, targets)
+        hidden = self._lm(batch).last_hidden_state
+        sums, counts = self._target_nll(hidden, batch)
+        return (sums / counts.clamp(min=1)).view(len(prompts), -1)
 
     def _keep_from_index(self, keep_index: torch.Tensor, tn: int) -> torch.Tensor:
         if not isinstance(keep_index, torch.Tensor):

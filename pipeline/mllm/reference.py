@@ -1,0 +1,205 @@
+"""score-tiny: the embedded frozen MLLM, built and pre-trained by the project.
+
+A tiny ``LlavaOnevisionForConditionalGeneration`` (the same class and adapter as real
+LLaVA-OneVision checkpoints) with a word-level tokenizer over the shapes world's vocabulary.
+Its SigLIP tower has no encoder layer, so visual tokens are token-local (patch embedding +
+projector + the 2x2 video pooling): an object's colour lives only in the tokens that cover it,
+which is what makes the choice of tokens matter.
+
+Pre-training is plain next-token loss on fresh world samples (never the held-out shards):
+video captions and QA, with variable frame counts (short clips first: an easy-to-hard order) and
+mild random token dropout on half the samples, as real MLLMs see many resolutions and frame
+counts. It never sees a selector's or the policy's masks. Training runs through the adapter's
+own masked path (``target_ce``), the one that later scores rollouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.config import ReferenceConfig, WorldConfig
+from pipeline.data.prompts import CAPTION_PROMPT, VIDEO, qa_prompt
+from pipeline.data.world import VOCAB, make_video, sample_rng
+from pipeline.mllm.base import MLLMAdapter
+from pipeline.mllm.llava_onevision import video_features
+from pipeline.mllm.loader import adapter_for
+from pipeline.mllm.tokenizer import build_word_tokenizer
+
+PROMPT_WORDS = ["question", "answer", "describe", "the", "video"]
+
+
+def build_tokenizer():
+    return build_word_tokenizer(list(VOCAB) + PROMPT_WORDS, [VIDEO, "<image>"])
+
+
+def build_model(rcfg: ReferenceConfig, wcfg: WorldConfig, tokenizer) -> torch.nn.Module:
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(rcfg.seed)
+    vision = {
+        "model_type": "siglip_vision_model", "hidden_size": rcfg.vision_hidden,
+        "intermediate_size": 2 * rcfg.vision_hidden, "num_hidden_layers": 0, "num_attention_heads": 1,
+        "image_size": wcfg.size, "patch_size": rcfg.patch, "vision_use_head": False,
+    }
+    text = {
+        "model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": rcfg.hidden,
+        "intermediate_size": 3 * rcfg.hidden, "num_hidden_layers": rcfg.layers,
+        "num_attention_heads": rcfg.heads, "num_key_value_heads": rcfg.heads,
+        "max_position_embeddings": 4096, "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text,
+        video_token_index=tokenizer.convert_tokens_to_ids(VIDEO),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True,
+    )
+    cfg._attn_implementation = "sdpa"
+    return LlavaOnevisionForConditionalGeneration(cfg)
+
+
+def spec_hash(rcfg: ReferenceConfig, wcfg: WorldConfig) -> str:
+    """Cache key: everything that changes the built model."""
+    blob = json.dumps({"reference": rcfg.model_dump(exclude={"eval_videos", "eval_every", "min_qa_accuracy"}),
+                       "world": wcfg.model_dump(), "version": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def frames_schedule(step: int, steps: int, max_frames: int) -> list[int]:
+    """Frame counts to draw from at ``step``: short clips first, full-length videos by 40%."""
+    frac = step / max(steps, 1)
+    if frac < 0.15:
+        return [1, 2, 4]
+    if frac < 0.4:
+        return sorted({2, 4, max_frames // 2, max_frames})
+    return sorted({4, max_frames // 2, 3 * max_frames // 4, max_frames, max_frames, max_frames})
+
+
+class Pretrainer:
+    """One readable pre-training step at a time (``step()``), over fresh world samples."""
+
+    def __init__(self, rcfg: ReferenceConfig, wcfg: WorldConfig, model: torch.nn.Module, tokenizer) -> None:
+        self.rcfg, self.wcfg = rcfg, wcfg
+        self.model = model
+        self.adapter = adapter_for(model, tokenizer)
+        for p in model.parameters():  # the adapter freezes; pre-training is the one place that trains it
+            p.requires_grad_(True)
+        model.train()
+        self.opt = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, weight_decay=0.01)
+        self.rng = np.random.default_rng([rcfg.seed, 7])
+        self.step_idx = 0
+
+    def _lr(self) -> float:
+        s, r = self.step_idx, self.rcfg
+        if s < r.warmup:
+            return r.lr * (s + 1) / r.warmup
+        return r.lr * 0.5 * (1 + math.cos(math.pi * (s - r.warmup) / max(r.steps - r.warmup, 1)))
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+        """``(pixels[B,T,3,S,S], keep[B,1,T*N], prompts, targets)`` of fresh training samples."""
+        r, w = self.rcfg, self.wcfg
+        t = int(self.rng.choice(frames_schedule(self.step_idx, r.steps, w.frames)))
+        n = self.adapter.visual_grid(t)[1] * self.adapter.visual_grid(t)[2]
+        bs = int(min(r.max_batch, max(4, r.tokens_per_batch // (t * n + 24))))
+        # Short clips cannot hold an appear/disappear window or a colour change in the middle.
+        world = w if t >= 4 else w.model_copy(update={"motion": [m for m in w.motion if m in ("static", "linear", "bounce")] or ["static"]})
+        pixels, prompts, targets = [], [], []
+        for i in range(bs):
+            v = make_video(world, sample_rng(w.seed, "train", "video", self.step_idx * 1024 + i), frames=t)
+            pixels.append(self.adapter.preprocess(v["frames"]))
+            if self.rng.random() < r.caption_fraction or not v["qa"]:
+                prompts.append(CAPTION_PROMPT)
+                targets.append(v["caption"])
+            else:
+                q = v["qa"][self.rng.integers(len(v["qa"]))]
+                prompts.append(qa_prompt(q["question"]))
+                targets.append(q["answer"])
+        keep = torch.ones(bs, 1, t * n, dtype=torch.bool)
+        for b in range(bs):
+            if r.token_dropout > 0 and self.rng.random() < 0.5:
+                drop = torch.from_numpy(self.rng.random(t * n) < self.rng.uniform(0, r.token_dropout))
+                drop[self.rng.integers(t * n)] = False  # never an empty video
+                keep[b, 0] = ~drop
+        return torch.stack(pixels), keep, prompts, targets
+
+    def step(self) -> dict:
+        t0 = time.perf_counter()
+        for g in self.opt.param_groups:
+            g["lr"] = self._lr()
+        pixels, keep, prompts, targets = self.batch()
+        t_data = time.perf_counter() - t0
+        feats = video_features(self.model, pixels)[:, :-1]  # drop the image_newline (an always-kept extra)
+        B, T = pixels.shape[:2]
+        X = feats.reshape(B, T, -1, feats.shape[-1])
+        loss = self.adapter.target_ce(X, keep, prompts, targets).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.step_idx += 1
+        return {"loss": float(loss), "frames": T, "batch": B, "lr": self._lr(),
+                "time_data": t_data, "time_step": time.perf_counter() - t0}
+
+
+def pretrain(rcfg: ReferenceConfig, wcfg: WorldConfig, out: str | Path,
+             evaluate: Callable[[MLLMAdapter], dict] | None = None, progress: bool = True) -> dict:
+    """Build, pre-train and save score-tiny to ``out`` (``save_pretrained`` + safetensors).
+    ``evaluate(adapter)`` runs every ``eval_every`` steps and at the end; returns the summary."""
+    from tqdm import tqdm
+
+    torch.manual_seed(rcfg.seed)
+    tok = build_tokenizer()
+    model = build_model(rcfg, wcfg, tok)
+    trainer = Pretrainer(rcfg, wcfg, model, tok)
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    bar = tqdm(range(rcfg.steps), desc="pre-train score-tiny", disable=not progress, mininterval=5)
+    ema = None
+    for s in bar:
+        m = trainer.step()
+        ema = m["loss"] if ema is None else 0.98 * ema + 0.02 * m["loss"]
+        bar.set_postfix(loss=f"{ema:.3f}", T=m["frames"], B=m["batch"])
+        if evaluate is not None and (s + 1) % rcfg.eval_every == 0 and s + 1 < rcfg.steps:
+            model.eval()
+            res = evaluate(trainer.adapter)
+            model.train()
+            history.append({"step": s + 1, "loss": round(ema, 4), **res})
+            bar.write(f"step {s + 1}: loss {ema:.3f} {json.dumps(res)}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train_seconds = time.perf_counter() - t0
+    final = evaluate(trainer.adapter) if evaluate is not None else {}
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    summary = {"train_seconds": round(train_seconds, 1), "loss": round(ema or 0.0, 4), "history": history, **final}
+    (tmp / "build.json").write_text(json.dumps({"hash": spec_hash(rcfg, wcfg), "reference": rcfg.model_dump(),
+                                                "world": wcfg.model_dump(), "summary": summary}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # a reader never sees a half-written model
+    return summary
+
+
+def cached_build(out: str | Path, rcfg: ReferenceConfig, wcfg: WorldConfig) -> dict | None:
+    """The saved build summary if ``out`` holds a model built from the same spec, else None."""
+    f = Path(out) / "build.json"
+    if not f.is_file():
+        return None
+    try:
+        info = json.loads(f.read_text())
+    except ValueError:
+        return None
+    return info["summary"] if info.get("hash") == spec_hash(rcfg, wcfg) else None
