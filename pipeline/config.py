@@ -37,9 +37,9 @@ class WorldConfig(_Strict):
     size: int = Field(64, ge=16, le=1024, description="frame height = width in pixels (even)")
     frames: int = Field(16, ge=2, le=256, description="frames per video")
     fps: int = Field(8, ge=1, le=120)
-    min_objects: int = Field(2, ge=1)
-    max_objects: int = Field(4, ge=1)
-    object_size: float = Field(0.14, gt=0.0, le=0.5, description="object diameter / frame size")
+    min_objects: int = Field(1, ge=1)
+    max_objects: int = Field(3, ge=1)
+    object_size: float = Field(0.22, gt=0.0, le=0.5, description="object diameter / frame size")
     background: Background = "texture"
     motion: list[MotionKind] = ["static", "linear", "bounce", "appear", "disappear", "color_change"]
     pan: float = Field(0.0, ge=0.0, le=0.5, description="max camera pan, fraction of frame per video")
@@ -111,6 +111,7 @@ class ReferenceConfig(_Strict):
     tokens_per_batch: int = Field(4096, ge=64, description="visual+text tokens per step; batch size follows T")
     max_batch: int = Field(64, ge=1)
     token_dropout: float = Field(0.3, ge=0.0, lt=1.0, description="max random visual-token dropout (half the samples)")
+    aux_weight: float = Field(1.0, ge=0.0, description="dense per-token colour/shape loss on the vision side")
     caption_fraction: float = Field(0.25, ge=0.0, le=1.0, description="share of caption targets (rest: QA)")
     eval_videos: int = Field(200, ge=1)
     eval_every: int = Field(500, ge=1)
@@ -123,7 +124,9 @@ class PolicyConfig(_Strict):
     layers: int = Field(2, ge=0)
     heads: int = Field(4, ge=1)
     factorized: bool = Field(True, description="spatial then temporal attention instead of full")
-    init_keep_logit: float = 2.0
+    init_keep_logit: float = Field(2.0, description="initial logit of every token: keep prob sigmoid(this)")
+    mlp_ratio: int = Field(2, ge=1, description="transformer MLP width = mlp_ratio * hidden")
+    min_per_frame: int = Field(0, ge=0, description="inference top-K: best tokens forced per frame first")
 
 
 class StageConfig(_Strict):
@@ -136,6 +139,8 @@ class StageConfig(_Strict):
     penalty: float = Field(1.0, ge=0, description="lambda: sparsity-weighted penalty for violations")
     entropy: float = Field(1e-3, ge=0, description="beta: entropy bonus")
     clip: float = Field(0.2, gt=0)
+    adv_eps: float = Field(1e-6, gt=0, description="eps in the safe-zone (rho - mean) / (std + eps)")
+    penalty_scale_by_dce: bool = Field(False, description="violations: A = -lambda * rho * |dCE|")
 
 
 class StagesConfig(_Strict):

@@ -294,9 +294,37 @@ def make_video(cfg: WorldConfig, rng: np.random.Generator, frames: int | None = 
         "frames": _render(cfg, rng, objs, frames),
         "caption": " ".join(_describe(o) for o in order),
         "qa": qa,
-        "objects": [{"id": o.id, "shape": o.shape, "color": o.color, "motion": o.motion,
-                     "new_color": o.new_color, "direction": o.direction, "boxes": o.boxes} for o in objs],
+        "objects": [{"id": o.id, "shape": o.shape, "color": o.color, "motion": o.motion, "new_color": o.new_color,
+                     "change_at": o.change_at, "direction": o.direction, "boxes": o.boxes} for o in objs],
     }
+
+
+def token_labels(objects: list[dict], frames: int, size: int, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Dense per-token targets ``(color_id, shape_id)``, each int64 ``[frames, gh*gw]``: the
+    object covering most of a token's cell (index into COLORS / SHAPES), or -1 for background.
+    Used only as an auxiliary pre-training signal for the reference model's vision side."""
+    gh, gw = grid
+    ch, cw = size / gh, size / gw
+    colors, shapes = list(COLORS), list(SHAPES)
+    best = np.zeros((frames, gh, gw))
+    col = np.full((frames, gh, gw), -1, dtype=np.int64)
+    shp = np.full((frames, gh, gw), -1, dtype=np.int64)
+    min_area = 0.25 * (min((b[2] - b[0]) * (b[3] - b[1]) for o in objects for b in o["boxes"] if b) if objects else 0)
+    for o in objects:
+        for t, b in enumerate(o["boxes"]):
+            if b is None:
+                continue
+            c = o["new_color"] if o.get("change_at") is not None and t >= o["change_at"] else o["color"]
+            for gy in range(gh):
+                iy = min(b[3], (gy + 1) * ch) - max(b[1], gy * ch)
+                for gx in range(gw):
+                    ix = min(b[2], (gx + 1) * cw) - max(b[0], gx * cw)
+                    area = ix * iy if ix > 0 and iy > 0 else 0.0
+                    if area >= min_area and area > best[t, gy, gx]:
+                        best[t, gy, gx] = area
+                        col[t, gy, gx] = colors.index(c)
+                        shp[t, gy, gx] = shapes.index(o["shape"])
+    return col.reshape(frames, -1), shp.reshape(frames, -1)
 
 
 def make_image(cfg: WorldConfig, rng: np.random.Generator) -> dict[str, Any]:

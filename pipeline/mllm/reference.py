@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config import ReferenceConfig, WorldConfig
 from pipeline.data.prompts import CAPTION_PROMPT, VIDEO, qa_prompt
-from pipeline.data.world import VOCAB, make_video, sample_rng
+from pipeline.data.world import COLORS, SHAPES, VOCAB, make_video, sample_rng, token_labels
 from pipeline.mllm.base import MLLMAdapter
 from pipeline.mllm.llava_onevision import video_features
 from pipeline.mllm.loader import adapter_for
@@ -65,7 +65,14 @@ def build_model(rcfg: ReferenceConfig, wcfg: WorldConfig, tokenizer) -> torch.nn
         vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True,
     )
     cfg._attn_implementation = "sdpa"
-    return LlavaOnevisionForConditionalGeneration(cfg)
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    # HF initialises every linear with std 0.02: through patch embedding + a 2-layer projector the
+    # visual tokens start ~100x smaller than text embeddings and the LLM learns to ignore them.
+    # PyTorch's fan-in init keeps them at a usable scale from the first step.
+    for m in (model.model.vision_tower.embeddings.patch_embedding, *model.model.multi_modal_projector.children()):
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return model
 
 
 def spec_hash(rcfg: ReferenceConfig, wcfg: WorldConfig) -> str:
@@ -95,7 +102,12 @@ class Pretrainer:
         for p in model.parameters():  # the adapter freezes; pre-training is the one place that trains it
             p.requires_grad_(True)
         model.train()
-        self.opt = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, weight_decay=0.01)
+        # Auxiliary dense heads (not saved): what object colour/shape is under each visual token.
+        # Real MLLMs start from a pre-trained vision tower; this gives ours the same head start.
+        d = model.config.text_config.hidden_size
+        self.aux = torch.nn.ModuleDict({"color": torch.nn.Linear(d, len(COLORS)), "shape": torch.nn.Linear(d, len(SHAPES))})
+        params = list(model.parameters()) + list(self.aux.parameters())
+        self.opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=0.01)
         self.rng = np.random.default_rng([rcfg.seed, 7])
         self.step_idx = 0
 
@@ -105,18 +117,23 @@ class Pretrainer:
             return r.lr * (s + 1) / r.warmup
         return r.lr * 0.5 * (1 + math.cos(math.pi * (s - r.warmup) / max(r.steps - r.warmup, 1)))
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
-        """``(pixels[B,T,3,S,S], keep[B,1,T*N], prompts, targets)`` of fresh training samples."""
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str], dict[str, torch.Tensor]]:
+        """``(pixels[B,T,3,S,S], keep[B,1,T*N], prompts, targets, labels)`` of fresh training
+        samples; ``labels[name]`` is ``[B,T,N]`` (-1 = background) for the auxiliary heads."""
         r, w = self.rcfg, self.wcfg
         t = int(self.rng.choice(frames_schedule(self.step_idx, r.steps, w.frames)))
         n = self.adapter.visual_grid(t)[1] * self.adapter.visual_grid(t)[2]
         bs = int(min(r.max_batch, max(4, r.tokens_per_batch // (t * n + 24))))
         # Short clips cannot hold an appear/disappear window or a colour change in the middle.
         world = w if t >= 4 else w.model_copy(update={"motion": [m for m in w.motion if m in ("static", "linear", "bounce")] or ["static"]})
-        pixels, prompts, targets = [], [], []
+        pixels, prompts, targets, colors, shapes = [], [], [], [], []
+        grid = self.adapter.visual_grid(t)[1:]
         for i in range(bs):
             v = make_video(world, sample_rng(w.seed, "train", "video", self.step_idx * 1024 + i), frames=t)
             pixels.append(self.adapter.preprocess(v["frames"]))
+            c, sh = token_labels(v["objects"], t, w.size, grid)
+            colors.append(torch.from_numpy(c))
+            shapes.append(torch.from_numpy(sh))
             if self.rng.random() < r.caption_fraction or not v["qa"]:
                 prompts.append(CAPTION_PROMPT)
                 targets.append(v["caption"])
@@ -130,24 +147,27 @@ class Pretrainer:
                 drop = torch.from_numpy(self.rng.random(t * n) < self.rng.uniform(0, r.token_dropout))
                 drop[self.rng.integers(t * n)] = False  # never an empty video
                 keep[b, 0] = ~drop
-        return torch.stack(pixels), keep, prompts, targets
+        return torch.stack(pixels), keep, prompts, targets, {"color": torch.stack(colors), "shape": torch.stack(shapes)}
 
     def step(self) -> dict:
         t0 = time.perf_counter()
         for g in self.opt.param_groups:
             g["lr"] = self._lr()
-        pixels, keep, prompts, targets = self.batch()
+        pixels, keep, prompts, targets, labels = self.batch()
         t_data = time.perf_counter() - t0
         feats = video_features(self.model, pixels)[:, :-1]  # drop the image_newline (an always-kept extra)
         B, T = pixels.shape[:2]
         X = feats.reshape(B, T, -1, feats.shape[-1])
-        loss = self.adapter.target_ce(X, keep, prompts, targets).mean()
+        lm_loss = self.adapter.target_ce(X, keep, prompts, targets).mean()
+        aux_loss = sum(torch.nn.functional.cross_entropy(head(X).flatten(0, 2), labels[k].flatten(), ignore_index=-1)
+                       for k, head in self.aux.items()) if self.rcfg.aux_weight > 0 else torch.zeros(())
+        loss = lm_loss + self.rcfg.aux_weight * aux_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
         self.opt.step()
         self.step_idx += 1
-        return {"loss": float(loss), "frames": T, "batch": B, "lr": self._lr(),
+        return {"loss": float(lm_loss), "aux_loss": float(aux_loss), "frames": T, "batch": B, "lr": self._lr(),
                 "time_data": t_data, "time_step": time.perf_counter() - t0}
 
 
@@ -168,7 +188,7 @@ def pretrain(rcfg: ReferenceConfig, wcfg: WorldConfig, out: str | Path,
     for s in bar:
         m = trainer.step()
         ema = m["loss"] if ema is None else 0.98 * ema + 0.02 * m["loss"]
-        bar.set_postfix(loss=f"{ema:.3f}", T=m["frames"], B=m["batch"])
+        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{m['aux_loss']:.3f}", T=m["frames"], B=m["batch"])
         if evaluate is not None and (s + 1) % rcfg.eval_every == 0 and s + 1 < rcfg.steps:
             model.eval()
             res = evaluate(trainer.adapter)

@@ -1,0 +1,222 @@
+"""SCORE policy: a small surprise-augmented transformer that scores every visual token.
+
+State (DESIGN.md section 1), from the frozen MLLM's visual tokens ``X[B, T, N, D]`` (``N = gh*gw``
+tokens per frame, row-major):
+
+* residual ``R[t] = X[t] - X[t-1]`` per grid position, ``R[0] = 0``;
+* surprise ``u[t, i] = ||R[t, i]|| / (||X[t, i]|| + eps)`` (clamped to ``[0, 10]``);
+* token input ``[LN(W_x X), LN(W_r R), u, time emb, grid-position emb]`` -> Linear -> ``d``. The
+  time embedding is a fixed sinusoid of the frame index (any T, no table to outgrow); the grid
+  embedding is a fixed 2-D sinusoid of (row, col) (any grid). Both are mixed by the input Linear.
+
+Trunk: ``layers`` pre-LN transformer blocks. ``factorized=True``: spatial attention within each
+frame (sequence N), then temporal attention along each grid position (sequence T), then an MLP;
+``factorized=False``: full attention over all ``T*N`` tokens, then an MLP. Head: LN -> Linear -> one
+keep logit ``z`` per token; its weight starts at zero and its bias at ``init_keep_logit``, so the
+initial keep probability of every token is exactly ``sigmoid(init_keep_logit)``.
+
+Cost (from :meth:`ScorePolicy.flops`, 2 FLOPs per MAC, default config d=256, 2 layers, MLP 2x,
+factorized), for D=896 (Qwen2-0.5B width), T=32, N=196 (6272 tokens): about 30 GFLOPs and 2.19 M
+parameters (0.46 M of them the two D->d input projections). Qwen2-0.5B's prefill over the same
+6272 visual tokens is about 2 * 0.36e9 (non-embedding params) * 6272 ~ 4.5 TFLOPs before attention,
+so the policy costs ~0.7% of it. Full attention instead of factorized: ~101 GFLOPs (~2%).
+(Measured on this 2-core CPU: ~0.6 s for that factorized forward in float32.)
+
+Saved HF-style: ``save_pretrained(dir)`` writes ``model.safetensors`` + ``config.json``
+(``embed_dim`` plus the :class:`~pipeline.config.PolicyConfig` fields); nothing else about the
+MLLM is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import PolicyConfig
+
+Tensor = torch.Tensor
+
+SURPRISE_EPS = 1e-6
+SURPRISE_MAX = 10.0
+TIME_EMB = 32  # sinusoid features of the frame index
+POS_EMB = 32  # 16 for the row, 16 for the column
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "score-policy"
+
+
+def sinusoid(pos: Tensor, dim: int, base: float = 10000.0) -> Tensor:
+    """Fixed sinusoidal features: ``pos[...]`` (float) -> ``[..., dim]`` (``dim`` even)."""
+    half = dim // 2
+    freq = torch.exp(-math.log(base) * torch.arange(half, device=pos.device, dtype=torch.float32) / half)
+    ang = pos.float()[..., None] * freq
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+
+def surprise_state(X: Tensor) -> tuple[Tensor, Tensor]:
+    """``X[B, T, N, D]`` -> ``(R[B, T, N, D], u[B, T, N])``: residual to the previous frame at the same
+    grid position (``R[:, 0] = 0``) and surprise ``||R|| / (||X|| + eps)``."""
+    R = torch.zeros_like(X)
+    R[:, 1:] = X[:, 1:] - X[:, :-1]
+    u = R.norm(dim=-1) / (X.norm(dim=-1) + SURPRISE_EPS)
+    return R, u
+
+
+class _Attention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """``x[S, L, d]``, ``key_mask[S, L]`` bool (True = may be attended) -> ``[S, L, d]``."""
+        s, l, d = x.shape
+        q, k, v = self.qkv(x).view(s, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(s, l, d))
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, heads: int, mlp_ratio: int, factorized: bool):
+        super().__init__()
+        self.factorized = factorized
+        self.ln_s = nn.LayerNorm(d)
+        self.attn_s = _Attention(d, heads)  # spatial (factorized) or full attention
+        if factorized:
+            self.ln_t = nn.LayerNorm(d)
+            self.attn_t = _Attention(d, heads)
+        self.ln_m = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
+
+    def forward(self, h: Tensor, frame_mask: Tensor | None) -> Tensor:
+        """``h[B, T, N, d]``, ``frame_mask[B, T]`` bool or None -> ``[B, T, N, d]``."""
+        b, t, n, d = h.shape
+        if self.factorized:
+            x = h.reshape(b * t, n, d)  # padded frames only attend among themselves: harmless
+            h = h + self.attn_s(self.ln_s(x)).view(b, t, n, d)
+            x = h.permute(0, 2, 1, 3).reshape(b * n, t, d)
+            km = None if frame_mask is None else frame_mask[:, None, :].expand(b, n, t).reshape(b * n, t)
+            h = h + self.attn_t(self.ln_t(x), km).view(b, n, t, d).permute(0, 2, 1, 3)
+        else:
+            x = h.reshape(b, t * n, d)
+            km = None if frame_mask is None else frame_mask[:, :, None].expand(b, t, n).reshape(b, t * n)
+            h = h + self.attn_s(self.ln_s(x), km).view(b, t, n, d)
+        return h + self.mlp(self.ln_m(h))
+
+
+class ScorePolicy(nn.Module):
+    """Per-token keep logits for a video's visual tokens.
+
+    ``ScorePolicy(embed_dim=D, cfg=PolicyConfig())``; ``forward(X, grid)``:
+
+    * ``X``: ``[B, T, N, D]`` or ``[T, N, D]`` visual tokens in the MLLM embedding width (any float
+      dtype; computed in the policy's dtype);
+    * ``grid``: ``(gh, gw)`` with ``gh * gw == N``;
+    * ``frame_mask``: optional ``[B, T]`` bool, True for real frames when videos of different
+      length are padded to one T (padded frames are excluded from temporal/full attention keys;
+      their logits are meaningless: pass the matching ``valid`` to the loss);
+    * returns logits ``z[B, T*N]`` (or ``[T*N]``), flattened ``t*N + i``; keep prob ``sigmoid(z)``.
+    """
+
+    def __init__(self, embed_dim: int, cfg: PolicyConfig | None = None):
+        super().__init__()
+        cfg = cfg if cfg is not None else PolicyConfig()
+        d = cfg.hidden
+        if d % cfg.heads:
+            raise ValueError(f"policy.hidden ({d}) must be divisible by policy.heads ({cfg.heads})")
+        self.embed_dim = int(embed_dim)
+        self.cfg = cfg
+        self.w_x = nn.Linear(embed_dim, d)
+        self.ln_x = nn.LayerNorm(d)
+        self.w_r = nn.Linear(embed_dim, d)
+        self.ln_r = nn.LayerNorm(d)
+        self.inp = nn.Linear(2 * d + 1 + TIME_EMB + POS_EMB, d)
+        self.blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.mlp_ratio, cfg.factorized) for _ in range(cfg.layers))
+        self.ln_out = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, cfg.init_keep_logit)
+
+    def forward(self, X: Tensor, grid: tuple[int, int], frame_mask: Tensor | None = None) -> Tensor:
+        squeeze = X.dim() == 3
+        if squeeze:
+            X = X[None]
+        if X.dim() != 4 or X.shape[-1] != self.embed_dim:
+            raise ValueError(f"X must be [B, T, N, {self.embed_dim}], got {tuple(X.shape)}")
+        b, t, n, _ = X.shape
+        gh, gw = grid
+        if gh * gw != n:
+            raise ValueError(f"grid {grid} has {gh * gw} positions, X has N={n} tokens per frame")
+        if frame_mask is not None and tuple(frame_mask.shape) != (b, t):
+            raise ValueError(f"frame_mask must be [{b}, {t}], got {tuple(frame_mask.shape)}")
+        X = X.to(self.head.weight.dtype)
+        R, u = surprise_state(X)
+        dev, dt = X.device, X.dtype
+        temb = sinusoid(torch.arange(t, device=dev), TIME_EMB).to(dt)  # [T, E_t]
+        rows = torch.arange(gh, device=dev).repeat_interleave(gw)
+        cols = torch.arange(gw, device=dev).repeat(gh)
+        pemb = torch.cat([sinusoid(rows, POS_EMB // 2), sinusoid(cols, POS_EMB // 2)], -1).to(dt)  # [N, E_p]
+        feats = torch.cat([
+            self.ln_x(self.w_x(X)),
+            self.ln_r(self.w_r(R)),
+            u.clamp(max=SURPRISE_MAX)[..., None],
+            temb[None, :, None, :].expand(b, t, n, TIME_EMB),
+            pemb[None, None, :, :].expand(b, t, n, POS_EMB),
+        ], dim=-1)
+        h = self.inp(feats)
+        fm = None if frame_mask is None else frame_mask.to(torch.bool)
+        for blk in self.blocks:
+            h = blk(h, fm)
+        z = self.head(self.ln_out(h)).reshape(b, t * n)
+        return z[0] if squeeze else z
+
+    # ------------------------------------------------------------------ cost
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops(self, T: int, N: int) -> int:
+        """Forward FLOPs (2 per multiply-add; norms, activations and softmax ignored) for one
+        video of ``T`` frames x ``N`` tokens."""
+        d, D, r = self.cfg.hidden, self.embed_dim, self.cfg.mlp_ratio
+        m = T * N
+        macs = m * (2 * D * d + (2 * d + 1 + TIME_EMB + POS_EMB) * d + d)  # W_x, W_r, input, head
+        for _ in range(self.cfg.layers):
+            macs += m * 2 * r * d * d  # MLP
+            if self.cfg.factorized:
+                macs += 2 * m * 4 * d * d + m * 2 * (N + T) * d  # 2 attentions: proj + QK^T, AV
+            else:
+                macs += m * 4 * d * d + m * 2 * m * d
+        return 2 * macs
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        meta = {"model_type": MODEL_TYPE, "embed_dim": self.embed_dim, **self.cfg.model_dump()}
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "ScorePolicy":
+        """Load what :meth:`save_pretrained` wrote. Unknown config keys (a newer writer's extra
+        fields) are ignored; missing ones take :class:`PolicyConfig` defaults."""
+        src = Path(directory)
+        meta = json.loads((src / CONFIG_NAME).read_text())
+        if meta.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{src / CONFIG_NAME}: model_type {meta.get('model_type')!r} is not {MODEL_TYPE!r}")
+        fields = {k: v for k, v in meta.items() if k in PolicyConfig.model_fields}
+        policy = cls(int(meta["embed_dim"]), PolicyConfig(**fields))
+        state = load_file(str(src / WEIGHTS_NAME), device=str(map_location))
+        policy.load_state_dict(state, strict=True)
+        return policy.to(map_location)

@@ -1,0 +1,101 @@
+"""Inference selection: deterministic global top-K over the policy's keep logits.
+
+``K = ceil(r * T*N)`` (:func:`pipeline.baselines.budget`) tokens with the highest logits over the
+whole video, returned in original order (ascending flat index ``t*N + i``). Ties go to the lower
+index. With ``min_per_frame = m`` the best ``m`` tokens of every frame are taken first, then the
+remaining budget goes to the global top of the rest. Position ids are the kept tokens' ORIGINAL
+ones; slicing them is the MLLM adapter's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pipeline.baselines import SelectionContext, budget
+
+Tensor = torch.Tensor
+
+
+def _stable_desc(x: Tensor) -> Tensor:
+    """argsort along the last dim, descending, ties -> lower index first."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices
+
+
+def topk_keep(
+    logits: Tensor,
+    retention: float | None = None,
+    *,
+    k: int | None = None,
+    grid: tuple[int, int, int] | None = None,
+    min_per_frame: int = 0,
+) -> Tensor:
+    """Keep index of the top-K tokens.
+
+    Args:
+        logits: ``[M]`` or ``[B, M]`` keep logits (``M = T*N``, flattened row-major).
+        retention: ratio ``r`` in (0, 1]; ``K = budget(r, M)``. Exactly one of ``retention``/``k``.
+        k: explicit budget, ``1 <= k <= M``.
+        grid: ``(T, gh, gw)``; required when ``min_per_frame > 0``.
+        min_per_frame: best tokens forced per frame before the global top-K. The effective value is
+            ``min(min_per_frame, K // T, N)``, so the budget is never exceeded (``K < T`` falls back
+            to plain global top-K).
+
+    Returns:
+        ``LongTensor[K]`` (or ``[B, K]``), ascending, unique, on ``logits.device``. Deterministic;
+        NaN logits raise ``ValueError``.
+    """
+    if (retention is None) == (k is None):
+        raise ValueError("give exactly one of retention or k")
+    squeeze = logits.dim() == 1
+    z = logits.detach()[None] if squeeze else logits.detach()
+    if z.dim() != 2:
+        raise ValueError(f"logits must be [M] or [B, M], got {tuple(logits.shape)}")
+    m = z.shape[-1]
+    if bool(torch.isnan(z).any()):
+        raise ValueError("topk_keep: NaN logits")
+    if k is None:
+        k = budget(float(retention), m)
+    if not 1 <= k <= m:
+        raise ValueError(f"k must be in [1, {m}], got {k}")
+    forced = None
+    if min_per_frame > 0:
+        if grid is None:
+            raise ValueError("min_per_frame needs grid=(T, gh, gw)")
+        t, gh, gw = grid
+        n = gh * gw
+        if t * n != m:
+            raise ValueError(f"grid {grid} has {t * n} tokens, logits have {m}")
+        per = min(min_per_frame, k // t, n)
+        if per > 0:
+            order = _stable_desc(z.reshape(-1, t, n))[..., :per]  # [B, T, per] frame-local
+            forced = torch.zeros(z.shape[0], t, n, dtype=torch.bool, device=z.device)
+            forced.scatter_(-1, order, True)
+            forced = forced.reshape(z.shape[0], m)
+    order = _stable_desc(z)  # by logit desc, index asc
+    if forced is not None:
+        # second stable sort on the forced flag keeps the logit order inside each group
+        rank = torch.gather(forced, -1, order).to(torch.int8)
+        order = torch.gather(order, -1, _stable_desc(rank))
+    keep = torch.sort(order[:, :k], dim=-1).values
+    return keep[0] if squeeze else keep
+
+
+def make_score_selector(policy: torch.nn.Module, min_per_frame: int = 0) -> Callable[[Tensor, int, SelectionContext], Tensor]:
+    """The trained compressor behind the baselines' selector interface:
+    ``selector(X[T, N, D], k, ctx) -> LongTensor[k]`` (sorted), using ``ctx.grid = (T, gh, gw)``.
+    ``policy`` is a :class:`pipeline.policy.ScorePolicy` (run in eval mode, no grad)."""
+
+    @torch.no_grad()
+    def score_select(X: Tensor, k: int, ctx: SelectionContext) -> Tensor:
+        t, gh, gw = ctx.grid
+        was_training = policy.training
+        policy.eval()
+        try:
+            z = policy(X.to(next(policy.parameters()).device), (gh, gw))
+        finally:
+            policy.train(was_training)
+        return topk_keep(z, k=k, grid=ctx.grid, min_per_frame=min_per_frame).cpu()
+
+    return score_select

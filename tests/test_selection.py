@@ -1,0 +1,61 @@
+"""Token selectors: exact budget, sorted unique indices, and what each one keeps."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.baselines import SELECTORS, SelectionContext, budget, oracle_select, uniform_temporal
+from pipeline.config import WorldConfig
+from pipeline.data.world import make_video, sample_rng
+
+T, GH, GW = 16, 4, 4
+N = GH * GW
+
+
+def _ctx(v, seed=0):
+    return SelectionContext(grid=(T, GH, GW), frame_hw=(64, 64), objects=v["objects"],
+                            question_objects=v["qa"][0]["objects"], seed=seed)
+
+
+@pytest.mark.parametrize("r", [0.05, 0.1, 0.25, 1.0])
+@pytest.mark.parametrize("name", sorted(SELECTORS))
+def test_exact_budget_sorted_unique(name, r):
+    v = make_video(WorldConfig(frames=T), sample_rng(0, "eval", "video", 5))
+    X = torch.zeros(T, N, 8)
+    k = budget(r, T * N)
+    idx = SELECTORS[name](X, k, _ctx(v))
+    assert idx.dtype == torch.long and idx.shape == (k,)
+    assert torch.equal(idx, torch.unique(idx)) and int(idx.min()) >= 0 and int(idx.max()) < T * N
+
+
+def test_budget_rounds_up_and_rejects_bad_ratio():
+    assert budget(0.1, 256) == 26 and budget(1e-6, 256) == 1 and budget(1.0, 256) == 256
+    with pytest.raises(ValueError, match="retention"):
+        budget(0.0, 10)
+
+
+def test_uniform_keeps_whole_evenly_spaced_frames():
+    idx = uniform_temporal(torch.zeros(T, N, 1), 2 * N, SelectionContext(grid=(T, GH, GW)))
+    frames = sorted(set((idx // N).tolist()))
+    assert frames == [0, 15] and len(idx) == 2 * N
+
+
+def test_oracle_covers_the_question_objects():
+    cfg = WorldConfig(frames=T)
+    for i in range(20):
+        v = make_video(cfg, sample_rng(0, "eval", "video", i))
+        if not v["qa"]:
+            continue
+        k = budget(0.1, T * N)
+        keep = set(oracle_select(torch.zeros(T, N, 1), k, _ctx(v, seed=i)).tolist())
+        q_objs = set(v["qa"][0]["objects"])
+        for o in v["objects"]:
+            if o["id"] not in q_objs:
+                continue
+            visible = [t for t, b in enumerate(o["boxes"]) if b]
+            kept_frames = {j // N for j in keep} & set(visible)
+            # the object is visible in kept tokens, spread over its visible frames
+            assert kept_frames, (i, o["id"])
+            assert max(kept_frames) - min(kept_frames) >= min(len(visible) - 1, 4) or len(kept_frames) == len(visible)
+    with pytest.raises(ValueError, match="annotations"):
+        oracle_select(torch.zeros(T, N, 1), 4, SelectionContext(grid=(T, GH, GW)))
