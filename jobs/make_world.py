@@ -1,7 +1,7 @@
 """Generate the shapes world: image-caption parquet shards and mp4 video shards with QA.
 
     python jobs/make_world.py --out runs/world --images 256 --videos 128 --seed 0 \
-        [--size 64] [--frames 16] [--objects 2-4] [--background texture] \
+        [--size 64] [--frames 16] [--objects 1-3] [--grid 4] [--background texture] \
         [--motion static,linear,appear] [--pan 0.1] [--noise 0.02]
 
 Same seed and knobs, same bytes. The world's config is written to ``<out>/world.json``.
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--size", type=int)
     ap.add_argument("--frames", type=int)
-    ap.add_argument("--objects", help="MIN-MAX objects per scene, e.g. 2-4")
+    ap.add_argument("--objects", help="MIN-MAX objects per scene, e.g. 1-3")
+    ap.add_argument("--grid", type=int, help="cells per side that objects sit in (the MLLM's token grid)")
     ap.add_argument("--background", help="plain | gradient | texture | photo")
     ap.add_argument("--motion", help="comma list of: static,linear,bounce,appear,disappear,color_change")
     ap.add_argument("--pan", type=float)
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     overrides = list(args.overrides)
-    for key in ("images", "videos", "seed", "size", "frames", "background", "pan", "noise"):
+    for key in ("images", "videos", "seed", "size", "frames", "grid", "background", "pan", "noise"):
         if getattr(args, key) is not None:
             overrides.append(f"world.{key}={getattr(args, key)}")
     if args.motion:

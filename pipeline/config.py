@@ -39,7 +39,9 @@ class WorldConfig(_Strict):
     fps: int = Field(8, ge=1, le=120)
     min_objects: int = Field(1, ge=1)
     max_objects: int = Field(3, ge=1)
-    object_size: float = Field(0.22, gt=0.0, le=0.5, description="object diameter / frame size")
+    grid: int = Field(4, ge=1, le=64, description="objects sit in (and move between) the cells of this grid; match the MLLM's token grid")
+    object_size: float = Field(0.2, gt=0.0, le=1.0, description="object diameter / frame size")
+    jitter: float = Field(1.0, ge=0.0, description="max offset of an object from its cell centre, pixels")
     background: Background = "texture"
     motion: list[MotionKind] = ["static", "linear", "bounce", "appear", "disappear", "color_change"]
     pan: float = Field(0.0, ge=0.0, le=0.5, description="max camera pan, fraction of frame per video")
@@ -57,6 +59,10 @@ class WorldConfig(_Strict):
     def _check(self) -> "WorldConfig":
         if self.max_objects < self.min_objects:
             raise ValueError("max_objects must be >= min_objects")
+        if self.max_objects > self.grid * self.grid:
+            raise ValueError(f"max_objects must fit the {self.grid}x{self.grid} grid")
+        if self.object_size * self.size + 2 * self.jitter > self.size / self.grid + 1e-9:
+            raise ValueError("object_size * size + 2 * jitter must fit in one grid cell (size / grid)")
         if not self.motion:
             raise ValueError("motion must name at least one kind")
         return self
@@ -141,6 +147,11 @@ class StageConfig(_Strict):
     clip: float = Field(0.2, gt=0)
     adv_eps: float = Field(1e-6, gt=0, description="eps in the safe-zone (rho - mean) / (std + eps)")
     penalty_scale_by_dce: bool = Field(False, description="violations: A = -lambda * rho * |dCE|")
+    ppo_epochs: int = Field(1, ge=1, description="optimizer passes over each rollout batch")
+    warmup: int = Field(0, ge=0, description="linear learning-rate warmup steps (then constant lr)")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clip before each optimizer step")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    score_batch: int = Field(0, ge=0, description="samples per adapter.score call in a rollout (0 = all in one)")
 
 
 class StagesConfig(_Strict):

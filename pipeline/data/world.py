@@ -176,63 +176,64 @@ def _boxes(o: Obj, r: float, size: int, frames: int) -> list:
 # Scenes
 
 
-def _place(rng: np.random.Generator, n: int, size: int, r: float, margin: float) -> list[np.ndarray]:
-    """n centres, pairwise at least 2.6 r apart (rejection sampling with a bounded number of tries)."""
-    lo, hi = r + margin, size - r - margin
-    pts: list[np.ndarray] = []
-    for _ in range(400):
-        if len(pts) == n:
-            break
-        p = rng.uniform(lo, hi, size=2)
-        if all(np.hypot(*(p - q)) >= 2.6 * r for q in pts):
-            pts.append(p)
-    while len(pts) < n:  # crowded config: accept overlaps rather than loop forever
-        pts.append(rng.uniform(lo, hi, size=2))
-    return pts
+def _cell_centre(cfg: WorldConfig, cell: np.ndarray) -> np.ndarray:
+    return (np.asarray(cell, dtype=float) + 0.5) * (cfg.size / cfg.grid)
+
+
+def _track(rng: np.random.Generator, cfg: WorldConfig, motion: str, frames: int) -> tuple[np.ndarray, str | None]:
+    """Per-frame grid cells ``[T, 2]`` (x, y) of one object, and its direction for linear motion.
+
+    Objects sit in the cells of the token grid and move a whole cell at a time: each object is
+    then exactly one visual token, so a question's object is a small, well-defined set of tokens.
+    """
+    g = cfg.grid
+    if motion == "linear" and g > 1:
+        direction = list(DIRECTIONS)[rng.integers(4)]
+        d = np.array(DIRECTIONS[direction])
+        travel = int(rng.integers(max(1, (g - 1) // 2), g))  # cells travelled over the video
+        start = rng.integers(0, g, size=2)
+        for axis in (0, 1):
+            if d[axis] > 0:
+                start[axis] = rng.integers(0, g - travel)
+            elif d[axis] < 0:
+                start[axis] = rng.integers(travel, g)
+        steps = np.round(np.linspace(0, travel, frames)).astype(int)
+        return start[None] + d[None] * steps[:, None], direction
+    cells = np.repeat(rng.integers(0, g, size=2)[None], frames, axis=0)
+    if motion == "bounce":  # a random walk of single-cell hops that stays inside the grid
+        for t in range(1, frames):
+            cells[t] = cells[t - 1]
+            if rng.random() < 0.3:
+                axis = rng.integers(2)
+                step = rng.choice([-1, 1])
+                if not 0 <= cells[t, axis] + step < g:
+                    step = -step
+                cells[t, axis] += step
+    return cells, None
 
 
 def _make_objects(rng: np.random.Generator, cfg: WorldConfig, n: int, frames: int, motions: list[str]) -> list[Obj]:
     size, r = cfg.size, cfg.object_size * cfg.size / 2
     shapes = rng.permutation(SHAPES)[:n]
     colors = rng.permutation(list(COLORS))
-    starts = _place(rng, n, size, r, 1.0)
+    # Tracks that never share a cell in a frame (rejection sampling, bounded tries).
+    for _ in range(100):
+        tracks = [_track(rng, cfg, motions[i], frames) for i in range(n)]
+        occupied = np.stack([c[:, 0] * cfg.grid + c[:, 1] for c, _ in tracks])  # [n, T]
+        if all(len(set(occupied[:, t])) == n for t in range(frames)):
+            break
     objs = []
     for i in range(n):
-        motion = motions[i]
-        pos = np.repeat(starts[i][None], frames, axis=0)
-        window = (0, frames)
-        o = Obj(id=i, shape=str(shapes[i]), color=str(colors[i]), motion=motion, pos=pos, window=window)
-        if motion == "linear":
-            o.direction = list(DIRECTIONS)[rng.integers(4)]
-            d = np.array(DIRECTIONS[o.direction], dtype=float)
-            travel = rng.uniform(0.35, 0.55) * size
-            lo, hi = r + 1, size - r - 1
-            start = starts[i].copy()
-            # Start far enough back along the direction that the whole path stays in the frame.
-            for axis in (0, 1):
-                if d[axis] > 0:
-                    start[axis] = rng.uniform(lo, hi - travel)
-                elif d[axis] < 0:
-                    start[axis] = rng.uniform(lo + travel, hi)
-            o.pos = start[None] + d[None] * np.linspace(0, travel, frames)[:, None]
-        elif motion == "bounce":
-            v = rng.uniform(-1, 1, size=2)
-            v = v / (np.linalg.norm(v) + 1e-9) * rng.uniform(0.04, 0.08) * size
-            p, lo, hi = starts[i].copy(), r + 1, size - r - 1
-            track = []
-            for _ in range(frames):
-                track.append(p.copy())
-                p = p + v
-                for axis in (0, 1):
-                    if not lo <= p[axis] <= hi:
-                        v[axis] = -v[axis]
-                        p[axis] = np.clip(p[axis], lo, hi)
-            o.pos = np.array(track)
-        elif motion == "appear":
+        cells, direction = tracks[i]
+        jitter = rng.uniform(-cfg.jitter, cfg.jitter, size=2)
+        pos = _cell_centre(cfg, cells) + jitter[None]
+        o = Obj(id=i, shape=str(shapes[i]), color=str(colors[i]), motion=motions[i], pos=pos,
+                window=(0, frames), direction=direction)
+        if o.motion == "appear":
             o.window = (int(rng.integers(frames // 4, frames - frames // 4)), frames)
-        elif motion == "disappear":
+        elif o.motion == "disappear":
             o.window = (0, int(rng.integers(frames // 4, frames - frames // 4)))
-        elif motion == "color_change":
+        elif o.motion == "color_change":
             o.change_at = int(rng.integers(frames // 4, frames - frames // 4))
             o.new_color = str(colors[n + i % (len(colors) - n)])  # a colour no other object has
         objs.append(o)

@@ -1,0 +1,117 @@
+"""Metrics: per-step scalar dicts, phase timing and a TensorBoard writer.
+
+One training step produces a flat ``dict[str, float]`` whose keys are TensorBoard tags
+(``reward``, ``dce/min``, ``timing/rollout``, ...; the names are fixed in
+:mod:`pipeline.trainer`). Helpers here are shared by the single-process trainer and the Ray roles:
+
+* :func:`timed` - ``with timed(m, "rollout"): ...`` adds ``m["timing/rollout"]`` (seconds,
+  accumulated if the phase runs more than once in the step);
+* :class:`MetricsWriter` - a thin wrapper over ``torch.utils.tensorboard.SummaryWriter`` that
+  writes every finite scalar of a step dict (non-scalars are skipped), images and text;
+* :func:`mean_metrics` - the per-key mean of several step dicts (summaries, first/last windows).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+TIMING_PREFIX = "timing/"
+
+
+def as_scalar(v: Any) -> float | None:
+    """A Python float for a scalar-like value (number, 0-d/1-element tensor or array), else None."""
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v.detach().float().cpu())
+    if isinstance(v, np.ndarray) and v.size == 1:
+        return float(v.reshape(()))
+    return None
+
+
+def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar entries of ``metrics`` as floats (others dropped)."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        s = as_scalar(v)
+        if s is not None:
+            out[k] = s
+    return out
+
+
+@contextmanager
+def timed(metrics: dict[str, float], phase: str) -> Iterator[None]:
+    """Time the block into ``metrics[f"timing/{phase}"]`` (seconds, added to any earlier value)."""
+    key = TIMING_PREFIX + phase
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics[key] = metrics.get(key, 0.0) + (time.perf_counter() - t0)
+
+
+def mean_metrics(steps: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Per-key mean over step dicts (a key missing from some steps is averaged where present)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for m in steps:
+        for k, v in scalars(m).items():
+            if math.isfinite(v):
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+class MetricsWriter:
+    """TensorBoard event files under ``logdir`` (created).
+
+    ``log(step, metrics)`` writes every finite scalar of ``metrics`` as ``add_scalar(tag, value,
+    step)``; ``image(tag, img, step)`` takes uint8/float ``[H, W, 3]``; ``text(tag, s, step)``.
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, logdir: str | Path, flush_secs: int = 10):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.logdir = Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._w = SummaryWriter(log_dir=str(self.logdir), flush_secs=flush_secs)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        for k, v in scalars(metrics).items():
+            if math.isfinite(v):
+                self._w.add_scalar(k, v, int(step))
+
+    def image(self, tag: str, img: np.ndarray | torch.Tensor, step: int) -> None:
+        arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        self._w.add_image(tag, arr, int(step), dataformats="HWC")
+
+    def text(self, tag: str, s: str, step: int) -> None:
+        self._w.add_text(tag, s, int(step))
+
+    def flush(self) -> None:
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def format_metrics(metrics: Mapping[str, Any], keys: Iterable[str], digits: int = 3) -> str:
+    """``"key=value key=value"`` for the given keys present in ``metrics``."""
+    sc = scalars(metrics)
+    return " ".join(f"{k}={sc[k]:.{digits}g}" for k in keys if k in sc)

@@ -1,0 +1,750 @@
+"""Single-process SCORE trainer (no Ray): the reference the distributed pipeline must match.
+
+Built from small pieces that the Ray roles reuse (DESIGN.md sections 1-2):
+
+* **targets** - :func:`select_target`: pseudo-video -> ``(CAPTION_PROMPT, joined caption)``;
+  video -> one QA pair ``(qa_prompt(question), answer)`` chosen by ``crc32(f"{seed}:{sample_id}")``
+  among its QA pairs, or its caption when it has none.
+* **rollout** (rollout actors) - :func:`rollout`: encode (optionally cached by sample id), policy
+  logits without grad, G Bernoulli masks per sample from a CPU ``torch.Generator``, and ONE
+  ``adapter.score`` call over ``B x (G+1)`` masks (mask 0 keeps everything: ``CE_full``), then
+  ``dCE`` and ``rho``. Returns a :class:`RolloutBatch`; :meth:`RolloutBatch.to_records` /
+  :meth:`RolloutBatch.from_records` convert to and from per-sample rollout records.
+* **learn** (DeepSpeed learner) - :func:`advantages` + :func:`surrogate` (pure: split advantage,
+  clipped surrogate + entropy bonus) and :func:`learn` (``ppo_epochs`` passes of backward, grad
+  clip, optimizer step) -> metrics.
+* **loop** - :func:`train_step` (rollout -> learn, timed) and :func:`train_stage` (progress bar,
+  TensorBoard scalars, summary line), :func:`train_curriculum_local` (stage 1 pseudo-videos, then
+  stage 2 real videos from stage 1's saved policy).
+
+Determinism: a stage runs with ``seed = stage_seed(run.seed, stage)``; step ``s`` draws its masks
+from ``step_generator(seed, s)`` (a fresh CPU generator seeded from ``(seed, s)``) and every QA
+choice uses the same ``seed``, so the same samples and starting weights give bit-identical weights,
+also when a stage resumes at ``start_step``. Initial weights: ``init_policy(D, cfg.policy,
+run.seed)``. The policy version of a rollout made at step ``s`` is ``s`` (updates applied so far in
+this stage).
+
+Rollout record (one per sample; numpy/str/int only, so it travels as a Ray Data row)::
+
+    sample_id       str
+    policy_version  int         policy version that drew the masks
+    X               float32     [T', N, D]  visual tokens (the learner's state; R, u are derived)
+    grid            int64       [2] (gh, gw), N = gh*gw
+    mask_bits       uint8       [G, ceil(M/8)]  pack_masks, little bit order, M = T'*N
+    num_tokens      int         M
+    old_logits      float32     [M]  behaviour-policy logits (log-probs follow per mask)
+    dce             float32     [G]  CE_full + tau - CE_g
+    rho             float32     [G]  1 - kept/M
+    ce              float32     [G]  CE_g
+    ce_full         float       CE with every visual token
+    prompt, target  str
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, DataConfig, PolicyConfig, StageConfig, WorldConfig
+from pipeline.data.prompts import CAPTION_PROMPT, qa_prompt
+from pipeline.loss import clipped_surrogate_loss
+from pipeline.metrics import MetricsWriter, format_metrics, mean_metrics, timed
+from pipeline.policy import ScorePolicy
+from pipeline.rewards import PackedMasks, delta_ce, pack_masks, sample_masks, sparsity, split_advantage, unpack_masks
+
+Tensor = torch.Tensor
+STAGES = ("pseudo_video", "real_video")
+
+# metric names (TensorBoard tags), shared with the Ray learner
+REWARD = "reward"  # mean dCE over the batch's B*G rollouts
+DCE_MEAN, DCE_MIN, SAFE_FRAC = "dce/mean", "dce/min", "dce/safe_frac"
+RHO, KEPT = "sparsity/rho", "sparsity/kept_ratio"
+CE_FULL, CE_MASKED = "ce/full", "ce/masked"
+ADV_MEAN, ADV_STD, ADV_MIN, ADV_MAX = "adv/mean", "adv/std", "adv/min", "adv/max"
+ENTROPY, CLIP_FRAC, APPROX_KL, KEEP_PROB = "policy/entropy", "policy/clip_frac", "policy/approx_kl", "policy/keep_prob"
+GRAD_NORM, LOSS, PG_LOSS, RATIO, LR = "policy/grad_norm", "policy/loss", "policy/pg_loss", "policy/ratio", "policy/lr"
+SKIPPED = "policy/skipped_steps"
+VERSION, VERSION_LAG = "policy/version", "policy/version_lag"
+ROLLOUTS_PER_S = "rollouts/s"
+SUMMARY_KEYS = (REWARD, DCE_MIN, SAFE_FRAC, KEPT, KEEP_PROB, ENTROPY, ROLLOUTS_PER_S)
+
+
+# =============================================================================================
+# seeds and targets
+
+
+def _mix(*parts: int | str) -> int:
+    """A 63-bit seed from integers/strings (stable across processes and Python versions)."""
+    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def stage_seed(run_seed: int, stage: str) -> int:
+    """Seed of one curriculum stage: distinct streams per stage from one run seed."""
+    return _mix("stage", int(run_seed), stage)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator that draws the masks of ``step`` (independent of earlier steps, so a
+    resumed stage draws what an uninterrupted one would)."""
+    return torch.Generator(device="cpu").manual_seed(_mix("step", int(seed), int(step)))
+
+
+def init_policy(embed_dim: int, cfg: PolicyConfig, seed: int) -> ScorePolicy:
+    """A fresh policy whose initial weights depend only on ``seed`` (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_mix("policy-init", int(seed)) % (2**63))
+        return ScorePolicy(embed_dim, cfg)
+
+
+def parse_qa(qa: Any) -> list[dict]:
+    """A sample's ``qa`` field (JSON str/bytes, list, numpy object array or None) -> list of dicts."""
+    if qa is None:
+        return []
+    if isinstance(qa, bytes):
+        qa = qa.decode("utf-8")
+    if isinstance(qa, str):
+        qa = json.loads(qa) if qa.strip() else []
+    if isinstance(qa, np.ndarray):
+        qa = qa.tolist()
+    if isinstance(qa, dict):
+        qa = [qa]
+    return [q for q in qa if isinstance(q, dict)]
+
+
+def select_target(sample: Mapping[str, Any], seed: int = 0) -> tuple[str, str]:
+    """``(prompt, target)`` the MLLM is scored on for this sample (see module doc)."""
+    kind = str(sample.get("kind", "video"))
+    if kind != "pseudo_video":
+        usable = [q for q in parse_qa(sample.get("qa")) if q.get("question") and q.get("answer")]
+        if usable:
+            q = usable[zlib.crc32(f"{seed}:{sample['sample_id']}".encode()) % len(usable)]
+            return qa_prompt(str(q["question"])), str(q["answer"])
+    caption = sample.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"sample {sample.get('sample_id')!r} has neither QA nor a caption to score")
+    return CAPTION_PROMPT, caption.strip()
+
+
+# =============================================================================================
+# rollout
+
+
+@dataclass
+class RolloutBatch:
+    """B samples x G rollouts. Tensors on CPU except ``X`` (the adapter's device and dtype)."""
+
+    sample_ids: list[str]
+    policy_version: Tensor  # [B] int64
+    X: Tensor  # [B, T', N, D]
+    grid: tuple[int, int]  # (gh, gw)
+    masks: PackedMasks  # bits [B, G, ceil(M/8)]
+    old_logits: Tensor  # [B, M] float32
+    dce: Tensor  # [B, G] float32
+    rho: Tensor  # [B, G] float32
+    ce_full: Tensor  # [B] float32
+    ce: Tensor  # [B, G] float32
+    prompts: list[str]
+    targets: list[str]
+
+    @property
+    def size(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def group_size(self) -> int:
+        return int(self.dce.shape[1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.masks.num_tokens)
+
+    def unpacked_masks(self) -> Tensor:
+        """``[B, G, M]`` bool (CPU)."""
+        return unpack_masks(self.masks)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One rollout record per sample (layout in the module doc)."""
+        X = self.X.detach().to("cpu", torch.float32).numpy()
+        bits = self.masks.bits.numpy()
+        out = []
+        for b, sid in enumerate(self.sample_ids):
+            out.append({
+                "sample_id": sid,
+                "policy_version": int(self.policy_version[b]),
+                "X": X[b],
+                "grid": np.asarray(self.grid, dtype=np.int64),
+                "mask_bits": bits[b],
+                "num_tokens": self.num_tokens,
+                "old_logits": self.old_logits[b].numpy(),
+                "dce": self.dce[b].numpy(),
+                "rho": self.rho[b].numpy(),
+                "ce": self.ce[b].numpy(),
+                "ce_full": float(self.ce_full[b]),
+                "prompt": self.prompts[b],
+                "target": self.targets[b],
+            })
+        return out
+
+    @classmethod
+    def from_records(cls, records: Sequence[Mapping[str, Any]]) -> "RolloutBatch":
+        """Stack records of one shape (same T', N, D, G) back into a batch."""
+        if not records:
+            raise ValueError("from_records: no records")
+        shapes = {(np.shape(r["X"]), np.shape(r["mask_bits"]), int(r["num_tokens"])) for r in records}
+        if len(shapes) > 1:
+            raise ValueError(f"from_records: records of different shapes cannot form one batch: {sorted(shapes)}")
+        grids = {tuple(int(g) for g in r["grid"]) for r in records}
+        if len(grids) > 1:
+            raise ValueError(f"from_records: different grids {sorted(grids)}")
+
+        def f32(key: str) -> Tensor:
+            return torch.from_numpy(np.stack([np.asarray(r[key], dtype=np.float32) for r in records]))
+
+        bits = torch.from_numpy(np.stack([np.asarray(r["mask_bits"], dtype=np.uint8) for r in records]))
+        return cls(
+            sample_ids=[str(r["sample_id"]) for r in records],
+            policy_version=torch.tensor([int(r["policy_version"]) for r in records], dtype=torch.long),
+            X=f32("X"),
+            grid=next(iter(grids)),  # type: ignore[arg-type]
+            masks=PackedMasks(bits, int(records[0]["num_tokens"])),
+            old_logits=f32("old_logits"),
+            dce=f32("dce"),
+            rho=f32("rho"),
+            ce_full=torch.tensor([float(r["ce_full"]) for r in records], dtype=torch.float32),
+            ce=f32("ce"),
+            prompts=[str(r["prompt"]) for r in records],
+            targets=[str(r["target"]) for r in records],
+        )
+
+
+def encode_sample(adapter: Any, sample: Mapping[str, Any], cache: dict[str, Tensor] | None = None) -> Tensor:
+    """``X[T', N, D]`` of a sample, from ``cache`` (keyed by sample id) when present."""
+    sid = str(sample["sample_id"])
+    if cache is not None and sid in cache:
+        return cache[sid]
+    X = adapter.encode_video(sample["frames"])
+    if cache is not None:
+        cache[sid] = X
+    return X
+
+
+def score_masks(adapter: Any, X: Tensor, keep: Tensor, prompts: list[str], targets: list[str], chunk: int = 0) -> Tensor:
+    """``adapter.score`` over ``keep[B, K, M]`` in one call (or ``chunk`` samples per call) -> ``[B, K]``
+    float32 on CPU."""
+    B = X.shape[0]
+    step = B if chunk <= 0 else chunk
+    parts = []
+    for s in range(0, B, step):
+        e = min(B, s + step)
+        parts.append(adapter.score(X[s:e], keep[s:e].to(X.device), prompts[s:e], targets[s:e]).float().cpu())
+    return torch.cat(parts, 0)
+
+
+@torch.no_grad()
+def rollout(
+    adapter: Any,
+    policy: ScorePolicy,
+    samples: Sequence[Mapping[str, Any]],
+    stage_cfg: StageConfig,
+    generator: torch.Generator,
+    policy_version: int = 0,
+    *,
+    seed: int = 0,
+    cache: dict[str, Tensor] | None = None,
+) -> RolloutBatch:
+    """Group rollouts for samples of one length (see module doc). ``generator``: a CPU generator
+    (masks are drawn on CPU from CPU logits, the same on every device). ``seed`` picks the QA pair."""
+    if not samples:
+        raise ValueError("rollout: no samples")
+    Xs = [encode_sample(adapter, s, cache) for s in samples]
+    shapes = {tuple(x.shape) for x in Xs}
+    if len(shapes) > 1:
+        ids = [str(s["sample_id"]) for s in samples]
+        raise ValueError(f"rollout: samples {ids} have different token shapes {sorted(shapes)}; batch equal lengths")
+    X = torch.stack(Xs)  # [B, T', N, D]
+    B, T, N, _ = X.shape
+    _, gh, gw = adapter.visual_grid(T)  # (gh, gw) do not depend on the frame count
+    pt = [select_target(s, seed) for s in samples]
+    prompts, targets = [p for p, _ in pt], [t for _, t in pt]
+    dev = next(policy.parameters()).device
+    logits = policy(X.to(dev), (gh, gw)).float().cpu()  # [B, M]
+    G = stage_cfg.group_size
+    masks = sample_masks(logits, G, generator)  # [B, G, M] bool
+    keep = torch.cat([torch.ones(B, 1, T * N, dtype=torch.bool), masks], 1)  # mask 0: everything
+    ce_all = score_masks(adapter, X, keep, prompts, targets, stage_cfg.score_batch)  # [B, G+1]
+    ce_full, ce = ce_all[:, 0].contiguous(), ce_all[:, 1:].contiguous()
+    return RolloutBatch(
+        sample_ids=[str(s["sample_id"]) for s in samples],
+        policy_version=torch.full((B,), int(policy_version), dtype=torch.long),
+        X=X,
+        grid=(int(gh), int(gw)),
+        masks=pack_masks(masks),
+        old_logits=logits,
+        dce=delta_ce(ce_full, ce, stage_cfg.tau_abs, stage_cfg.tau_rel).float(),
+        rho=sparsity(masks).float(),
+        ce_full=ce_full,
+        ce=ce,
+        prompts=prompts,
+        targets=targets,
+    )
+
+
+# =============================================================================================
+# learn
+
+
+def advantages(batch: RolloutBatch, stage_cfg: StageConfig) -> Tensor:
+    """Split advantage ``[B, G]`` (float32, CPU) of a batch."""
+    return split_advantage(batch.dce, batch.rho, stage_cfg.penalty, stage_cfg.adv_eps,
+                           stage_cfg.penalty_scale_by_dce).float()
+
+
+def batch_metrics(batch: RolloutBatch, adv: Tensor | None = None) -> dict[str, float]:
+    """Reward-side metrics of a batch (what the rollouts measured)."""
+    m = {
+        REWARD: float(batch.dce.mean()),
+        DCE_MEAN: float(batch.dce.mean()),
+        DCE_MIN: float(batch.dce.min()),
+        SAFE_FRAC: float((batch.dce > 0).float().mean()),
+        RHO: float(batch.rho.mean()),
+        KEPT: float((1.0 - batch.rho).mean()),
+        CE_FULL: float(batch.ce_full.mean()),
+        CE_MASKED: float(batch.ce.mean()),
+    }
+    if adv is not None:
+        a = adv.float()
+        m.update({ADV_MEAN: float(a.mean()), ADV_STD: float(a.std(unbiased=False)),
+                  ADV_MIN: float(a.min()), ADV_MAX: float(a.max())})
+    return m
+
+
+def surrogate(policy: torch.nn.Module, X: Tensor, grid: tuple[int, int], masks: Tensor, old_logits: Tensor,
+              adv: Tensor, stage_cfg: StageConfig) -> dict[str, Tensor]:
+    """Forward + clipped surrogate loss with entropy bonus (tensors already on the policy's device);
+    ``policy`` may be a DeepSpeed engine. Returns :func:`clipped_surrogate_loss`'s dict."""
+    logits = policy(X, grid)
+    return clipped_surrogate_loss(logits.float(), masks, old_logits, adv, clip=stage_cfg.clip,
+                                  entropy_coef=stage_cfg.entropy)
+
+
+def learn(policy: ScorePolicy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, stage_cfg: StageConfig) -> dict[str, float]:
+    """``ppo_epochs`` passes of (surrogate, backward, grad-norm clip, step) over the batch.
+
+    A pass whose gradient norm is not finite is skipped (counted in ``policy/skipped_steps``).
+    Policy metrics are averaged over the passes; reward metrics come from the batch.
+    """
+    dev = next(policy.parameters()).device
+    adv = advantages(batch, stage_cfg)
+    metrics = batch_metrics(batch, adv)
+    X = batch.X.to(dev)
+    masks = batch.unpacked_masks().to(dev)
+    old = batch.old_logits.to(dev)
+    adv_d = adv.to(dev)
+    policy.train()
+    passes: list[dict[str, float]] = []
+    skipped = 0
+    for _ in range(stage_cfg.ppo_epochs):
+        out = surrogate(policy, X, batch.grid, masks, old, adv_d, stage_cfg)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), stage_cfg.max_grad_norm)
+        if torch.isfinite(gn):
+            optimizer.step()
+        else:
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+        passes.append({
+            LOSS: float(out["loss"].detach()), PG_LOSS: float(out["pg_loss"]), ENTROPY: float(out["entropy"]),
+            CLIP_FRAC: float(out["clip_frac"]), APPROX_KL: float(out["approx_kl"]), RATIO: float(out["ratio"]),
+            KEEP_PROB: float(out["keep_prob"]), GRAD_NORM: float(gn),
+        })
+    metrics.update(mean_metrics(passes))
+    metrics[SKIPPED] = float(skipped)
+    return metrics
+
+
+def make_optimizer(policy: torch.nn.Module, stage_cfg: StageConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(policy.parameters(), lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
+
+
+def lr_at(step: int, stage_cfg: StageConfig) -> float:
+    """Linear warmup over ``warmup`` steps (step 0 gets ``lr / warmup``), then constant ``lr``."""
+    if stage_cfg.warmup <= 0:
+        return stage_cfg.lr
+    return stage_cfg.lr * min(1.0, (step + 1) / stage_cfg.warmup)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+# =============================================================================================
+# the loop
+
+
+def train_step(
+    adapter: Any,
+    policy: ScorePolicy,
+    optimizer: torch.optim.Optimizer,
+    samples: Sequence[Mapping[str, Any]],
+    stage_cfg: StageConfig,
+    step: int,
+    *,
+    seed: int,
+    cache: dict[str, Tensor] | None = None,
+) -> dict[str, float]:
+    """One step: rollout with the current weights (version ``step``) -> one learner update."""
+    m: dict[str, float] = {}
+    lr = lr_at(step, stage_cfg)
+    set_lr(optimizer, lr)
+    with timed(m, "rollout"):
+        batch = rollout(adapter, policy, samples, stage_cfg, step_generator(seed, step), step, seed=seed, cache=cache)
+    with timed(m, "learn"):
+        m.update(learn(policy, optimizer, batch, stage_cfg))
+    m[LR] = lr
+    m[VERSION] = float(step)
+    m[VERSION_LAG] = 0.0
+    m[ROLLOUTS_PER_S] = batch.size * batch.group_size / max(m["timing/rollout"] + m["timing/learn"], 1e-9)
+    return m
+
+
+def batched_by_length(samples: Iterable[Mapping[str, Any]], batch_size: int) -> Iterator[list[Mapping[str, Any]]]:
+    """Batches of ``batch_size`` samples with equal frame shape, in arrival order of completion.
+    Leftover incomplete buckets are dropped at the end of a finite stream."""
+    buckets: dict[tuple, list] = {}
+    for s in samples:
+        key = tuple(np.shape(s["frames"]))
+        bucket = buckets.setdefault(key, [])
+        bucket.append(s)
+        if len(bucket) == batch_size:
+            yield bucket
+            buckets[key] = []
+
+
+def weights_sha(policy: torch.nn.Module) -> str:
+    """sha256 (first 16 hex digits) of the policy's state dict bytes: identity of a set of weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(policy.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def summary_line(s: Mapping[str, Any]) -> str:
+    f, l = s.get("first", {}), s.get("last", {})
+
+    def arrow(k: str) -> str:
+        return f"{f.get(k, float('nan')):.3f}->{l.get(k, float('nan')):.3f}"
+
+    return (f"[{s['stage']}] {s['steps_done']} steps in {s['seconds']:.1f}s ({s['rollouts_per_s']:.1f} rollouts/s)"
+            f" kept {arrow(KEPT)} safe {arrow(SAFE_FRAC)} reward {arrow(REWARD)}"
+            f" keep_prob {arrow(KEEP_PROB)} weights {s['start_sha']}->{s['final_sha']}"
+            + (" (data exhausted)" if s.get("exhausted") else ""))
+
+
+def train_stage(
+    adapter: Any,
+    policy: ScorePolicy,
+    sample_iter: Iterable[Mapping[str, Any]],
+    stage_cfg: StageConfig,
+    seed: int,
+    writer: MetricsWriter | None = None,
+    start_step: int = 0,
+    *,
+    name: str = "stage",
+    cache: dict[str, Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: bool = True,
+    log: Callable[[str], Any] | None = print,
+    window: int = 5,
+) -> dict[str, Any]:
+    """Steps ``start_step .. stage_cfg.steps-1``: batches of equal-length samples from ``sample_iter``
+    -> :func:`train_step`. Writes every step's scalars to ``writer``; shows a tqdm bar with ETA;
+    prints one summary line. Returns ``{stage, steps_done, seconds, rollouts_per_s, first, last
+    (metric means over the first/last ``window`` steps), start_sha, final_sha, exhausted, history}``."""
+    from tqdm.auto import tqdm
+
+    optimizer = optimizer if optimizer is not None else make_optimizer(policy, stage_cfg)
+    batches = batched_by_length(sample_iter, stage_cfg.batch_size)
+    start_sha = weights_sha(policy)
+    history: list[dict[str, float]] = []
+    exhausted = False
+    t0 = time.perf_counter()
+    bar = tqdm(total=stage_cfg.steps, initial=start_step, desc=name, unit="step", disable=not progress,
+               dynamic_ncols=True, mininterval=1.0)
+    try:
+        for step in range(start_step, stage_cfg.steps):
+            dm: dict[str, float] = {}
+            with timed(dm, "data"):
+                samples = next(batches, None)
+            if samples is None:
+                exhausted = True
+                break
+            m = train_step(adapter, policy, optimizer, samples, stage_cfg, step, seed=seed, cache=cache)
+            m.update(dm)
+            history.append(m)
+            if writer is not None:
+                writer.log(step, m)
+            bar.update(1)
+            bar.set_postfix_str(format_metrics(m, (KEPT, SAFE_FRAC, REWARD)), refresh=False)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.flush()
+    seconds = time.perf_counter() - t0
+    rollouts = sum(stage_cfg.batch_size * stage_cfg.group_size for _ in history)
+    summary = {
+        "stage": name,
+        "start_step": start_step,
+        "steps_done": len(history),
+        "seconds": round(seconds, 3),
+        "rollouts": rollouts,
+        "rollouts_per_s": rollouts / seconds if seconds > 0 else 0.0,
+        "first": mean_metrics(history[:window]),
+        "last": mean_metrics(history[-window:]),
+        "start_sha": start_sha,
+        "final_sha": weights_sha(policy),
+        "exhausted": exhausted,
+        "history": history,
+    }
+    if log is not None:
+        log(summary_line(summary))
+    return summary
+
+
+# =============================================================================================
+# local data (no Ray): the same samples the Ray Data stream yields
+
+
+def _count(q: Counter | None, reason: str) -> None:
+    if q is not None:
+        q[reason] += 1
+
+
+def iter_pseudo_videos_local(dcfg: DataConfig, seed: int, *, epochs: int | None = None,
+                             quarantine: Counter | None = None) -> Iterator[dict[str, Any]]:
+    """Stage-1 samples from ``dcfg.image_shards``, cycling epochs. Epoch ``e`` groups each shard's good
+    images with ``shard_order(n, seed + e, basename)`` and :func:`group_consecutive` (epoch 0 is
+    exactly ``pipeline.data.stream.pseudo_video_dataset(cfg, seed)``; :func:`stage_samples` passes
+    ``run.seed``). Each shard is decoded once and kept in memory (small local data sets; the Ray
+    stream is the path for large ones). Bad input is counted in ``quarantine`` by reason and skipped."""
+    from pipeline.data import readers
+    from pipeline.data.pseudo_video import group_consecutive, make_pseudo_video, shard_order
+    from pipeline.data.quarantine import BadSample
+
+    paths = readers.list_image_shards(dcfg.image_shards, dcfg.s3)
+    if not paths:
+        raise FileNotFoundError(f"no image shards (*.parquet) under data.image_shards={dcfg.image_shards!r}")
+    good_by_shard: dict[str, list[dict]] = {}
+    for epoch in itertools.count() if epochs is None else range(epochs):
+        yielded = 0
+        for path in paths:
+            if path not in good_by_shard:  # decode each shard once; later epochs regroup
+                rows: list[dict] = []
+                try:
+                    for row in readers.iter_image_shard(path, dcfg.s3):
+                        rows.append(row)
+                except BadSample as e:
+                    _count(quarantine, e.reason)
+                good_by_shard[path] = []
+                for row in rows:
+                    try:
+                        good_by_shard[path].append(readers.load_image(row, dcfg.frame_size, dcfg.max_caption_words))
+                    except BadSample as e:
+                        _count(quarantine, e.reason)
+            good = good_by_shard[path]
+            order = shard_order(len(good), seed + epoch, os.path.basename(path))
+            for group in group_consecutive([good[i] for i in order], dcfg.pseudo_images):
+                s = make_pseudo_video([g["image"] for g in group], [g["caption"] for g in group],
+                                      [g["id"] for g in group], dcfg.pseudo_repeat, [g["objects"] for g in group])
+                s.update(kind="pseudo_video", qa="[]", source=path)
+                yielded += 1
+                yield s
+        if yielded == 0:
+            raise ValueError(f"no pseudo-video can be built from {dcfg.image_shards!r} "
+                             f"(every shard has fewer than {dcfg.pseudo_images} good images)")
+
+
+def iter_videos_local(dcfg: DataConfig, *, epochs: int | None = None,
+                      quarantine: Counter | None = None) -> Iterator[dict[str, Any]]:
+    """Stage-2 samples from ``dcfg.video_shards`` in annotation order (the Ray stream's order),
+    cycling epochs; bad videos are counted once and skipped afterwards."""
+    from pipeline.data import readers
+    from pipeline.data.quarantine import BadSample
+
+    files = readers.list_video_annotations(dcfg.video_shards, dcfg.s3)
+    if not files:
+        raise FileNotFoundError(f"no video annotations (*.jsonl) under data.video_shards={dcfg.video_shards!r}")
+    index: list[dict] = []
+    seen: set[str] = set()
+    for path in files:
+        try:
+            entries = readers.read_video_index(path, dcfg.s3)
+        except BadSample as e:
+            _count(quarantine, e.reason)
+            continue
+        for ent in entries:
+            if isinstance(ent, BadSample):
+                _count(quarantine, ent.reason)
+            elif ent["id"] in seen:
+                _count(quarantine, "bad_annotation")
+            else:
+                seen.add(ent["id"])
+                index.append(ent)
+    bad: set[str] = set()
+    for _ in itertools.count() if epochs is None else range(epochs):
+        yielded = 0
+        for rec in index:
+            if rec["id"] in bad:
+                continue
+            try:
+                v = readers.load_video(rec, dcfg.video_frames, dcfg.frame_size, dcfg.max_caption_words, dcfg.s3)
+            except BadSample as e:
+                _count(quarantine, e.reason)
+                bad.add(rec["id"])
+                continue
+            yielded += 1
+            yield {"sample_id": "vid:" + v["id"], "kind": "video", "frames": v["frames"], "caption": v["caption"],
+                   "qa": v["qa"], "objects": v["objects"], "segments": [0], "source_ids": [v["id"]],
+                   "source": rec.get("source", "")}
+        if yielded == 0:
+            raise ValueError(f"no usable video under {dcfg.video_shards!r}")
+
+
+def iter_world_pseudo_videos(wcfg: WorldConfig, dcfg: DataConfig) -> Iterator[dict[str, Any]]:
+    """Endless stage-1 samples generated in-process from the world's ``train`` split (never the
+    ``eval`` split that ``generate_world`` writes): clip ``i`` uses images ``i*k .. i*k+k-1``."""
+    from pipeline.data.pseudo_video import make_pseudo_video
+    from pipeline.data.video import resize_rgb
+    from pipeline.data.world import make_image, sample_rng
+
+    k = dcfg.pseudo_images
+    for i in itertools.count():
+        imgs, caps, ids, objs = [], [], [], []
+        for j in range(i * k, i * k + k):
+            s = make_image(wcfg, sample_rng(wcfg.seed, "train", "image", j))
+            imgs.append(resize_rgb(s["image"], dcfg.frame_size))
+            caps.append(s["caption"])
+            ids.append(f"img-train-{wcfg.seed}-{j:06d}")
+            objs.append(json.dumps(s["objects"], sort_keys=True))
+        s = make_pseudo_video(imgs, caps, ids, dcfg.pseudo_repeat, objs)
+        s.update(kind="pseudo_video", qa="[]", source="world:train")
+        yield s
+
+
+def iter_world_videos(wcfg: WorldConfig, dcfg: DataConfig) -> Iterator[dict[str, Any]]:
+    """Endless stage-2 samples generated in-process from the world's ``train`` split
+    (``data.video_frames`` frames at ``data.frame_size``)."""
+    from pipeline.data.video import resize_rgb
+    from pipeline.data.world import make_video, sample_rng
+
+    for i in itertools.count():
+        v = make_video(wcfg, sample_rng(wcfg.seed, "train", "video", i), frames=dcfg.video_frames)
+        frames = np.stack([resize_rgb(f, dcfg.frame_size) for f in v["frames"]])
+        vid = f"vid-train-{wcfg.seed}-{i:06d}"
+        yield {"sample_id": "vid:" + vid, "kind": "video", "frames": frames, "caption": v["caption"],
+               "qa": json.dumps(v["qa"], sort_keys=True), "objects": json.dumps(v["objects"], sort_keys=True),
+               "segments": [0], "source_ids": [vid], "source": "world:train"}
+
+
+DataSource = Literal["auto", "shards", "world"]
+
+
+def stage_samples(stage: str, cfg: Config, *, source: DataSource = "auto",
+                  quarantine: Counter | None = None, log: Callable[[str], Any] | None = print) -> Iterator[dict[str, Any]]:
+    """The sample stream of a stage: ``shards`` (cfg.data paths), ``world`` (generated in-process),
+    or ``auto`` (shards when the path holds any, else the world, said in one log line)."""
+    from pipeline.data import readers
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    d = cfg.data
+    if source == "auto":
+        listed = (readers.list_image_shards(d.image_shards, d.s3) if stage == "pseudo_video"
+                  else readers.list_video_annotations(d.video_shards, d.s3))
+        source = "shards" if listed else "world"
+        if source == "world" and log is not None:
+            where = d.image_shards if stage == "pseudo_video" else d.video_shards
+            log(f"[{stage}] no shards under {where!r}: generating world samples in-process (train split)")
+    if stage == "pseudo_video":
+        if source == "shards":
+            return iter_pseudo_videos_local(d, int(cfg.run.seed), quarantine=quarantine)
+        return iter_world_pseudo_videos(cfg.world, d)
+    if source == "shards":
+        return iter_videos_local(d, quarantine=quarantine)
+    return iter_world_videos(cfg.world, d)
+
+
+def _public(summary: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k != "history"}
+
+
+def train_curriculum_local(
+    cfg: Config,
+    adapter: Any,
+    out_dir: str | Path,
+    *,
+    source: DataSource = "auto",
+    progress: bool = True,
+    log: Callable[[str], Any] | None = print,
+    tensorboard: bool = True,
+) -> dict[str, Any]:
+    """Both stages in this process. Layout under ``out_dir``: ``<stage>/policy/`` (each stage's final
+    policy, ``save_pretrained``), ``final/policy/``, ``tensorboard/<stage>/``, ``summary.json``.
+    Stage 2 starts from stage 1's saved policy (reloaded with ``from_pretrained``, as a separate
+    stage job would) with a fresh optimizer. Returns the summary (also written as JSON)."""
+    out = Path(out_dir)
+    seed = int(cfg.run.seed)
+    policy = init_policy(adapter.hidden_size, cfg.policy, seed).to(adapter.device)
+    stages: dict[str, Any] = {}
+    init_from: str | None = None
+    for stage in STAGES:
+        scfg: StageConfig = getattr(cfg.stage, stage)
+        if init_from is not None:
+            policy = ScorePolicy.from_pretrained(init_from, map_location=adapter.device)
+        q: Counter = Counter()
+        samples = stage_samples(stage, cfg, source=source, quarantine=q, log=log)
+        writer = MetricsWriter(out / "tensorboard" / stage) if tensorboard else None
+        try:
+            s = train_stage(adapter, policy, samples, scfg, stage_seed(seed, stage), writer, name=stage,
+                            cache={}, progress=progress, log=log)
+        finally:
+            if writer is not None:
+                writer.close()
+        path = policy.save_pretrained(out / stage / "policy")
+        s = _public(s)
+        s.update(init_from=init_from, policy=str(path), quarantined=dict(q))
+        stages[stage] = s
+        init_from = str(path)
+    final = policy.save_pretrained(out / "final" / "policy")
+    summary = {
+        "seed": seed,
+        "stages": stages,
+        "final_policy": str(final),
+        "final_sha": weights_sha(policy),
+        "tensorboard": str(out / "tensorboard") if tensorboard else None,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
+    return summary
+
+
+__all__ = [
+    "RolloutBatch", "select_target", "parse_qa", "rollout", "encode_sample", "score_masks", "advantages",
+    "batch_metrics", "surrogate", "learn", "make_optimizer", "lr_at", "set_lr", "train_step", "train_stage",
+    "train_curriculum_local", "batched_by_length", "weights_sha", "stage_seed", "step_generator", "init_policy",
+    "iter_pseudo_videos_local", "iter_videos_local", "iter_world_pseudo_videos", "iter_world_videos",
+    "stage_samples",
+]

@@ -1,0 +1,304 @@
+"""Single-process trainer: rollout batches, learn step, determinism, learning signal, curriculum.
+
+CPU, the tiny random LLaVA-OneVision of conftest (16x16 frames -> 2x2 tokens per frame, D=32) and a
+small policy; a few seconds in all.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import trainer as tr
+from pipeline.config import Config, PolicyConfig, StageConfig, WorldConfig
+from pipeline.data.prompts import CAPTION_PROMPT, qa_prompt
+from pipeline.metrics import MetricsWriter, mean_metrics, timed
+from pipeline.policy import ScorePolicy
+from pipeline.rewards import delta_ce, sparsity, unpack_masks
+
+SMALL_POLICY = PolicyConfig(hidden=16, layers=1, heads=2, mlp_ratio=2)
+QA = [{"question": "what color is the circle", "answer": "red"},
+      {"question": "which way does the square move", "answer": "left"}]
+
+
+def make_sample(i: int, frames: int = 4, kind: str = "video") -> dict:
+    rng = np.random.default_rng(i)
+    return {
+        "sample_id": f"{'vid' if kind == 'video' else 'pv'}:{i}",
+        "kind": kind,
+        "frames": rng.integers(0, 256, (frames, 16, 16, 3), dtype=np.uint8),
+        "caption": "a red circle then a blue square",
+        "qa": json.dumps(QA) if kind == "video" else "[]",
+    }
+
+
+def cycle(n: int, frames: int = 4):
+    i = 0
+    while True:
+        yield make_sample(i % n, frames, "video" if i % 2 else "pseudo_video")
+        i += 1
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_mllm):
+    return tiny_mllm("llava_onevision")
+
+
+def stage_cfg(**kw) -> StageConfig:
+    base = dict(steps=6, lr=3e-3, group_size=4, batch_size=2)
+    base.update(kw)
+    return StageConfig(**base)
+
+
+# ------------------------------------------------------------------------------ targets, metrics
+def test_select_target():
+    pv = make_sample(0, kind="pseudo_video")
+    assert tr.select_target(pv) == (CAPTION_PROMPT, pv["caption"])
+    v = make_sample(1)
+    p, t = tr.select_target(v, seed=3)
+    assert (p, t) in [(qa_prompt(q["question"]), q["answer"]) for q in QA]
+    assert tr.select_target(v, seed=3) == (p, t)  # deterministic
+    picks = {tr.select_target({**v, "sample_id": f"vid:{i}"}, 0)[1] for i in range(20)}
+    assert picks == {"red", "left"}  # spread over the QA pairs
+    assert tr.select_target({**v, "qa": QA}, 3) == (p, t)  # list or JSON
+    assert tr.select_target({**v, "qa": "[]"}) == (CAPTION_PROMPT, v["caption"])
+    with pytest.raises(ValueError, match="neither QA nor a caption"):
+        tr.select_target({**v, "qa": None, "caption": " "})
+
+
+def test_metrics_helpers(tmp_path):
+    m: dict = {}
+    with timed(m, "rollout"):
+        pass
+    with timed(m, "rollout"):
+        pass
+    assert set(m) == {"timing/rollout"} and m["timing/rollout"] >= 0
+    assert mean_metrics([{"a": 1.0, "b": torch.tensor(2.0)}, {"a": 3.0, "c": "x"}]) == {"a": 2.0, "b": 2.0}
+    with MetricsWriter(tmp_path / "tb") as w:
+        w.log(0, {"reward": 0.5, "timing/learn": torch.tensor(0.1), "skip": [1, 2]})
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+# ------------------------------------------------------------------------------ rollout batch
+def test_rollout_batch_is_consistent(llava):
+    scfg = stage_cfg(group_size=3, tau_abs=0.1, tau_rel=0.2)
+    pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
+    samples = [make_sample(i, kind=k) for i, k in enumerate(["video", "pseudo_video", "video"])]
+    cache: dict = {}
+    b = tr.rollout(llava, pol, samples, scfg, tr.step_generator(0, 0), policy_version=7, seed=0, cache=cache)
+    B, G, T, N = 3, 3, 4, 4
+    M = T * N
+    assert b.X.shape == (B, T, N, llava.hidden_size) and b.grid == (2, 2)
+    assert b.masks.bits.shape == (B, G, (M + 7) // 8) and b.num_tokens == M
+    assert b.old_logits.shape == (B, M) and b.ce_full.shape == (B,)
+    for t in (b.dce, b.rho, b.ce):
+        assert t.shape == (B, G) and t.dtype == torch.float32
+    assert b.policy_version.tolist() == [7] * B and b.sample_ids == [s["sample_id"] for s in samples]
+    assert set(cache) == set(b.sample_ids)
+
+    masks = unpack_masks(b.masks)
+    assert masks.shape == (B, G, M) and masks.any(-1).all()
+    prompts_targets = [tr.select_target(s, 0) for s in samples]
+    prompts, targets = [p for p, _ in prompts_targets], [t for _, t in prompts_targets]
+    assert b.prompts == prompts and b.targets == targets
+    # CE_full is the all-ones score; CE_g is the score of exactly the masks that were packed
+    full = llava.score(b.X, torch.ones(B, 1, M, dtype=torch.bool), prompts, targets)[:, 0]
+    assert torch.allclose(b.ce_full, full, atol=1e-5)
+    assert torch.allclose(b.ce, llava.score(b.X, masks, prompts, targets), atol=1e-5)
+    assert torch.allclose(b.dce, delta_ce(b.ce_full, b.ce, 0.1, 0.2), atol=1e-6)
+    assert torch.equal(b.rho, sparsity(masks))
+    # behaviour logits are the policy's on X
+    with torch.no_grad():
+        assert torch.allclose(b.old_logits, pol(b.X, (2, 2)), atol=1e-6)
+    # scoring in chunks gives the same CE
+    b2 = tr.rollout(llava, pol, samples, scfg.model_copy(update={"score_batch": 1}), tr.step_generator(0, 0), cache=cache)
+    assert torch.equal(unpack_masks(b2.masks), masks)
+    assert torch.allclose(b2.ce, b.ce, atol=1e-5) and torch.allclose(b2.ce_full, b.ce_full, atol=1e-5)
+
+    # records round-trip
+    recs = b.to_records()
+    assert len(recs) == B and recs[0]["X"].dtype == np.float32 and recs[0]["mask_bits"].dtype == np.uint8
+    back = tr.RolloutBatch.from_records(recs)
+    assert torch.equal(back.unpacked_masks(), masks) and torch.equal(back.dce, b.dce) and back.grid == b.grid
+    assert torch.equal(back.X, b.X.float()) and back.policy_version.tolist() == [7] * B
+
+
+def test_rollout_rejects_mixed_lengths(llava):
+    pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
+    with pytest.raises(ValueError, match="different token shapes"):
+        tr.rollout(llava, pol, [make_sample(0, 4), make_sample(1, 3)], stage_cfg(), tr.step_generator(0, 0))
+    got = list(tr.batched_by_length(iter([make_sample(0, 4), make_sample(1, 3), make_sample(2, 4), make_sample(3, 3)]), 2))
+    assert [[s["sample_id"] for s in b] for b in got] == [["vid:0", "vid:2"], ["vid:1", "vid:3"]]
+
+
+def test_learn_step_metrics_and_update(llava):
+    scfg = stage_cfg(ppo_epochs=2)
+    pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
+    opt = tr.make_optimizer(pol, scfg)
+    b = tr.rollout(llava, pol, [make_sample(0), make_sample(1)], scfg, tr.step_generator(0, 0))
+    before = tr.weights_sha(pol)
+    m = tr.learn(pol, opt, b, scfg)
+    assert tr.weights_sha(pol) != before
+    for k in (tr.REWARD, tr.DCE_MEAN, tr.DCE_MIN, tr.SAFE_FRAC, tr.KEPT, tr.ADV_MEAN, tr.ADV_STD, tr.ADV_MIN,
+              tr.ADV_MAX, tr.ENTROPY, tr.CLIP_FRAC, tr.APPROX_KL, tr.KEEP_PROB, tr.GRAD_NORM):
+        assert np.isfinite(m[k]), k
+    assert m[tr.REWARD] == pytest.approx(float(b.dce.mean()))
+    assert m[tr.KEPT] == pytest.approx(float(1 - b.rho.mean()))
+    assert m[tr.APPROX_KL] >= 0 and m[tr.SKIPPED] == 0
+
+
+# ------------------------------------------------------------------------------ determinism
+def _run(llava, seed: int, steps: int = 4) -> tuple[ScorePolicy, dict]:
+    pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
+    s = tr.train_stage(llava, pol, cycle(6), stage_cfg(steps=steps), seed, progress=False, log=None, cache={})
+    return pol, s
+
+
+def test_deterministic_for_a_seed(llava):
+    p1, s1 = _run(llava, seed=1)
+    p2, s2 = _run(llava, seed=1)
+    p3, _ = _run(llava, seed=2)
+    for (k, a), (_, b) in zip(p1.state_dict().items(), p2.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert s1["final_sha"] == s2["final_sha"] != s1["start_sha"]
+    assert [h[tr.REWARD] for h in s1["history"]] == [h[tr.REWARD] for h in s2["history"]]
+    assert any(not torch.equal(a, b) for a, b in zip(p1.state_dict().values(), p3.state_dict().values()))
+
+
+def test_resume_matches_uninterrupted(llava):
+    """Steps draw masks from per-step generators: 2 + 2 steps (same optimizer) == 4 steps."""
+    full, _ = _run(llava, seed=5, steps=4)
+    pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
+    opt = tr.make_optimizer(pol, stage_cfg())
+    it = cycle(6)
+    tr.train_stage(llava, pol, it, stage_cfg(steps=2), 5, optimizer=opt, progress=False, log=None)
+    tr.train_stage(llava, pol, it, stage_cfg(steps=4), 5, start_step=2, optimizer=opt, progress=False, log=None)
+    assert tr.weights_sha(pol) == tr.weights_sha(full)
+
+
+# ------------------------------------------------------------------------------ learning signal
+def test_kept_ratio_falls_on_tiny_mllm(llava, tmp_path):
+    """Random tiny MLLM: dropping tokens barely moves CE, so with the default tolerance nearly every
+    rollout is safe and the safe-zone advantage favours sparser masks."""
+    pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
+    scfg = stage_cfg(steps=30, lr=3e-3, group_size=4, batch_size=2)
+    with MetricsWriter(tmp_path / "tb") as w:
+        s = tr.train_stage(llava, pol, cycle(6), scfg, 0, writer=w, progress=False, log=None, cache={})
+    first, last = s["first"], s["last"]
+    assert last[tr.KEPT] < first[tr.KEPT] - 0.1, (first[tr.KEPT], last[tr.KEPT])
+    assert last[tr.KEEP_PROB] < first[tr.KEEP_PROB] - 0.1
+    assert last[tr.SAFE_FRAC] >= 0.9
+    assert s["steps_done"] == 30 and not s["exhausted"]
+    assert {"timing/rollout", "timing/learn", "timing/data", tr.ROLLOUTS_PER_S} <= set(s["history"][0])
+
+
+class ObjectTokenMLLM:
+    """A frozen stand-in MLLM whose CE depends only on a few tokens: the "object" tokens (bright
+    pixels, marked in X's first feature) must all be kept, the background never matters:
+    ``CE = 1 + 2 * (object tokens dropped) / (object tokens)``."""
+
+    hidden_size = 8
+    device = torch.device("cpu")
+
+    def visual_grid(self, t: int) -> tuple[int, int, int]:
+        return (t, 2, 2)
+
+    def encode_video(self, frames) -> torch.Tensor:
+        f = torch.as_tensor(np.asarray(frames)).float() / 255.0  # [T, 16, 16, 3]
+        cells = f.reshape(f.shape[0], 2, 8, 2, 8, 3).mean((2, 4, 5)).reshape(f.shape[0], 4)
+        obj = (cells > 0.5).float()
+        g = torch.Generator().manual_seed(0)
+        noise = 0.1 * torch.randn(f.shape[0], 4, self.hidden_size, generator=g)
+        X = noise
+        X[..., 0] += 3.0 * obj
+        X[..., 1] += cells
+        return X
+
+    def score(self, X, keep, prompts, targets) -> torch.Tensor:
+        obj = (X[..., 0] > 1.5).flatten(1)  # [B, M]
+        dropped = (obj[:, None, :] & ~keep).float().sum(-1)
+        return 1.0 + 2.0 * dropped / obj.float().sum(-1, keepdim=True).clamp(min=1)
+
+
+def object_videos(n: int):
+    """Dark 4-frame videos with one bright quadrant (the object) at a random place per frame."""
+    rng = np.random.default_rng(0)
+    i = 0
+    while True:
+        f = np.full((4, 16, 16, 3), 30, dtype=np.uint8)
+        for t in range(4):
+            q = rng.integers(4)
+            r, c = divmod(int(q), 2)
+            f[t, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = 230
+        yield {"sample_id": f"vid:{i % n}", "kind": "video", "frames": f, "caption": "a white square", "qa": "[]"}
+        i += 1
+
+
+def test_learns_to_keep_the_tokens_that_matter():
+    ad = ObjectTokenMLLM()
+    pol = tr.init_policy(ad.hidden_size, SMALL_POLICY, 0)
+    scfg = StageConfig(steps=40, lr=1e-2, group_size=8, batch_size=4, tau_abs=0.05, tau_rel=0.0)
+    s = tr.train_stage(ad, pol, object_videos(10_000), scfg, 0, progress=False, log=None)
+    first, last = s["first"], s["last"]
+    # 1 of 4 tokens per frame is the object: from ~0.85 kept and ~half the rollouts safe to
+    # (nearly) only the object tokens, nearly always safe (measured: 0.25 kept, >= 0.98 safe)
+    assert last[tr.KEPT] < 0.45 < first[tr.KEPT] - 0.3, (first[tr.KEPT], last[tr.KEPT])
+    assert last[tr.SAFE_FRAC] >= 0.9 > first[tr.SAFE_FRAC] + 0.2, (first[tr.SAFE_FRAC], last[tr.SAFE_FRAC])
+    v = next(object_videos(1))
+    X = ad.encode_video(v["frames"])
+    with torch.no_grad():
+        p = torch.sigmoid(pol(X, (2, 2)))
+    obj = (X[..., 0] > 1.5).flatten()
+    assert float(p[obj].min()) > 0.9 and float(p[~obj].mean()) < 0.1, p
+
+
+# ------------------------------------------------------------------------------ curriculum
+def test_train_curriculum_local_end_to_end(llava, tmp_path):
+    from pipeline.data.world import generate_world
+
+    world = WorldConfig(images=8, videos=4, size=48, frames=4, shard_size=8, motion=["static", "linear"])
+    generate_world(world, tmp_path / "world", progress=False)
+    cfg = Config.model_validate({
+        "run": {"seed": 3},
+        "world": world.model_dump(),
+        "data": {"image_shards": str(tmp_path / "world/images"), "video_shards": str(tmp_path / "world/videos"),
+                 "frame_size": 16, "pseudo_images": 2, "pseudo_repeat": 2, "video_frames": 4},
+        "policy": SMALL_POLICY.model_dump(),
+        "stage": {"pseudo_video": {"steps": 3, "batch_size": 2, "group_size": 2},
+                  "real_video": {"steps": 3, "batch_size": 2, "group_size": 2, "lr": 1e-3}},
+    })
+    logs: list[str] = []
+    out = tmp_path / "run"
+    s = tr.train_curriculum_local(cfg, llava, out, progress=False, log=logs.append)
+    s1, s2 = s["stages"]["pseudo_video"], s["stages"]["real_video"]
+    assert s1["steps_done"] == 3 and s2["steps_done"] == 3
+    assert s1["init_from"] is None and s2["init_from"] == str(out / "pseudo_video" / "policy")
+    assert s2["start_sha"] == s1["final_sha"] != s2["final_sha"]  # stage 2 starts from stage 1's weights
+    loaded = ScorePolicy.from_pretrained(out / "final" / "policy")
+    assert tr.weights_sha(loaded) == s["final_sha"] == s2["final_sha"]
+    assert loaded.cfg == SMALL_POLICY and loaded.embed_dim == llava.hidden_size
+    assert json.loads((out / "summary.json").read_text())["final_sha"] == s["final_sha"]
+    assert list((out / "tensorboard" / "real_video").glob("events.out.tfevents.*"))
+    assert not any("generating world samples" in line for line in logs)  # read from the shards
+    assert s1["quarantined"] == {} and s2["quarantined"] == {}
+    assert any(line.startswith("[pseudo_video] 3 steps") for line in logs)
+    assert any(line.startswith("[real_video] 3 steps") for line in logs)
+    # the local readers give the same samples the Ray stream would: pseudo-videos of k*F frames
+    first = next(tr.iter_pseudo_videos_local(cfg.data, 0))
+    assert first["frames"].shape == (4, 16, 16, 3) and first["sample_id"].startswith("pv:")
+    vid = next(tr.iter_videos_local(cfg.data))
+    assert vid["frames"].shape == (4, 16, 16, 3) and json.loads(vid["qa"])
+
+
+def test_world_sources_are_deterministic():
+    cfg = Config.model_validate({"world": {"size": 48, "frames": 4, "motion": ["static"]},
+                                 "data": {"frame_size": 16, "pseudo_images": 2, "pseudo_repeat": 2, "video_frames": 4}})
+    a = next(tr.stage_samples("pseudo_video", cfg, source="world"))
+    b = next(tr.stage_samples("pseudo_video", cfg, source="world"))
+    assert a["sample_id"] == b["sample_id"] and np.array_equal(a["frames"], b["frames"])
+    assert a["frames"].shape == (4, 16, 16, 3)
+    v = next(tr.stage_samples("real_video", cfg, source="world"))
+    assert v["frames"].shape == (4, 16, 16, 3) and v["kind"] == "video" and tr.select_target(v)[1]
