@@ -175,11 +175,27 @@ class RolloutConfig(_Strict):
         return self
 
 
+class LearnerConfig(_Strict):
+    """Ray Train + DeepSpeed learner (actors/learner.py)."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel DeepSpeed ranks)")
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional here: 2 CPUs are shared with the rollout pool and readers")
+    use_gpu: bool = False
+    zero_stage: int = Field(1, ge=0, le=2, description="DeepSpeed ZeRO stage (3 would need gathered weights to publish)")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl with GPUs, gloo on CPU")
+    health_check_interval_s: float = Field(0.2, gt=0, description="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: each report blocks about this long")
+    fit_timeout_s: float = Field(3600.0, gt=0, description="wall-clock limit of one stage's TorchTrainer.fit")
+    prefetch_batches: int = Field(1, ge=0, description="rollout batches the learner prefetches (bounds staleness)")
+    log_every: int = Field(1, ge=1, description="TensorBoard scalars every N learner steps")
+
+
 class RunConfig(_Strict):
     name: str = Field("score-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: str = "runs"
     seed: int = 0
     ray_address: str | None = Field(None, description="existing cluster; default starts a local one")
+    call_timeout_s: float = Field(120.0, gt=0, description="deadline of every blocking Ray call (ray.get, actor lookups)")
+    job_timeout_s: float = Field(7200.0, gt=0, description="curriculum: max seconds one stage job may take")
 
 
 class Config(_Strict):
@@ -191,6 +207,7 @@ class Config(_Strict):
     policy: PolicyConfig = PolicyConfig()
     stage: StagesConfig = StagesConfig()
     rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
 
 
 # ---------------------------------------------------------------------------------------------

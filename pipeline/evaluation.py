@@ -8,6 +8,7 @@ sample's primary question (``qa[0]``).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -51,8 +52,9 @@ def load_eval_videos(adapter: MLLMAdapter, video_root: str, limit: int, num_fram
 
 
 def answer_word(text: str) -> str:
-    words = text.strip().split()
-    return words[0] if words else ""
+    """The first word of a generated answer, without trailing punctuation ("green. a" -> "green")."""
+    m = re.search(r"[\w-]+", text)
+    return m.group(0).lower() if m else ""
 
 
 @torch.no_grad()

@@ -1,0 +1,36 @@
+"""score-tiny: a rebuild of a small config learns (the full build's bar is in the README)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.config import MLLMConfig
+from pipeline.mllm.loader import load_mllm
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--set", "reference.hidden=64", "--set", "reference.layers=2", "--set", "reference.steps=STEPS",
+         "--set", "reference.eval_videos=40", "--set", "reference.eval_every=1000", "--set", "reference.min_qa_accuracy=0.0",
+         "--set", "reference.tokens_per_batch=1024"]
+
+
+def test_small_rebuild_learns_and_is_cached(tmp_path):
+    world = tmp_path / "world"
+    subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(world), "--images", "0", "--videos", "40",
+                    "--size", "32", "--grid", "2", "--frames", "4", "--objects", "1-2", "--motion", "static",
+                    "--set", "world.object_size=0.375", "--set", "world.jitter=0", "--quiet"], check=True)
+    out = tmp_path / "model"
+    args = [sys.executable, str(ROOT / "jobs/build_reference_mllm.py"), "--world", str(world), "--out", str(out),
+            "--no-calibration", *[a.replace("STEPS", "STEPS_N") for a in SMALL]]
+    args = [a.replace("STEPS_N", "400") for a in args]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    # chance is 1/4 (shape) to 1/6 (colour); the small build must be clearly above it
+    assert res["option_accuracy"] >= 0.6, res
+    assert not res["cached"] and (out / "model.safetensors").is_file() and (out / "build.json").is_file()
+    adapter = load_mllm(MLLMConfig(path=str(out)))
+    assert adapter.visual_grid(4) == (4, 2, 2)
+    # same spec: served from the cache, no training
+    r2 = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0 and json.loads(r2.stdout.strip().splitlines()[-1])["cached"] is True
