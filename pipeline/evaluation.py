@@ -8,9 +8,10 @@ sample's primary question (``qa[0]``).
 from __future__ import annotations
 
 import json
+import time
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -51,6 +52,14 @@ def load_eval_videos(adapter: MLLMAdapter, video_root: str, limit: int, num_fram
     return out
 
 
+def video_context(adapter: MLLMAdapter, v: EvalVideo, seed: int = 0) -> SelectionContext:
+    """The selection context of an eval video: grid, annotations (oracle), QA prompt and adapter (FastV)."""
+    t = v.X.shape[0]
+    grid = (t, *adapter.visual_grid(t)[1:])  # (gh, gw) do not depend on the frame count
+    return SelectionContext(grid=grid, frame_hw=v.frame_hw, objects=v.objects, question_objects=v.qa.get("objects"),
+                            seed=seed, prompt=qa_prompt(v.qa["question"]), adapter=adapter)
+
+
 def answer_word(text: str) -> str:
     """The first word of a generated answer, without trailing punctuation ("green. a" -> "green")."""
     m = re.search(r"[\w-]+", text)
@@ -68,9 +77,7 @@ def evaluate_qa(adapter: MLLMAdapter, videos: Iterable[EvalVideo],
         if selector is None:
             keep = torch.arange(t * n)
         else:
-            grid = (t, *adapter.visual_grid(t)[1:])  # (gh, gw) do not depend on the frame count
-            ctx = SelectionContext(grid=grid, frame_hw=v.frame_hw, objects=v.objects,
-                                   question_objects=v.qa.get("objects"), seed=seed * 100_003 + i)
+            ctx = video_context(adapter, v, seed * 100_003 + i)
             keep = selector(v.X, budget(retention, t * n), ctx)
         prompt = qa_prompt(v.qa["question"])
         ok = answer_word(adapter.generate(v.X, keep, prompt, max_new_tokens=2)) == v.qa["answer"]
@@ -86,3 +93,200 @@ def evaluate_qa(adapter: MLLMAdapter, videos: Iterable[EvalVideo],
         "per_type": {k: round(float(np.mean(x)), 4) for k, x in sorted(per_type.items())},
         "n": len(hits),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# Cost: analytic prefill FLOPs and measured wall time
+
+def lm_dims(adapter: MLLMAdapter) -> dict:
+    """``{params, layers, hidden}`` of the language model: non-embedding parameters (the LM head
+    runs on one position at prefill and is left out), decoder layers, model width."""
+    lm = adapter.language_model
+    emb = {id(p) for p in adapter.embed_tokens.parameters()}
+    params = sum(p.numel() for p in lm.parameters() if id(p) not in emb)
+    cfg = getattr(lm, "config", None)
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    if not layers:
+        from pipeline.baselines import _decoder_layers
+
+        layers = len(_decoder_layers(lm))
+    return {"params": int(params), "layers": layers, "hidden": int(adapter.hidden_size)}
+
+
+def prefill_flops(dims: dict, length: int) -> float:
+    """Analytic prefill FLOPs for a sequence of ``length`` tokens: linear layers
+    ``2 * params * L`` plus attention scores and mixing ``4 * L^2 * d * layers``."""
+    return 2.0 * dims["params"] * length + 4.0 * length**2 * dims["hidden"] * dims["layers"]
+
+
+def full_length(adapter: MLLMAdapter, v: EvalVideo) -> int:
+    """Length of the unpruned prompt sequence of an eval video (text + all visual tokens + extras)."""
+    return int(adapter._template(qa_prompt(v.qa["question"]), None, v.X.shape[0], v.X.shape[1]).ids.numel())
+
+
+def _sync(device: Any) -> None:
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device: Any = "cpu") -> float:
+    """Median wall time (seconds) of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def time_prefill(adapter: MLLMAdapter, X: torch.Tensor, keep: torch.Tensor, prompt: str, repeats: int = 5) -> float:
+    """Median wall time (s) of ``adapter.prefill`` with the kept tokens ``keep``."""
+    return median_time(lambda: adapter.prefill(X, keep, prompt), repeats, device=adapter.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-method runner
+
+BASELINE_ORDER = ("random", "uniform", "uniform_spatial", "fastv", "visionzip", "dycoke", "fastvid")
+
+
+def method_selectors(adapter: MLLMAdapter, policy: torch.nn.Module | None = None, names: Iterable[str] | None = None,
+                     fastv_layer: int = 2, min_per_frame: int = 0) -> dict[str, Callable]:
+    """Ordered ``{name: selector}``: ``score`` (needs ``policy``), the baselines, ``oracle``.
+    ``names=None``: every available method (``score`` only with a policy)."""
+    from pipeline.baselines import SELECTORS, make_fastv
+    from pipeline.select import make_score_selector
+
+    available = (["score"] if policy is not None else []) + list(BASELINE_ORDER) + ["oracle"]
+    want = list(available) if names is None else list(names)
+    out: dict[str, Callable] = {}
+    for name in want:
+        if name == "score":
+            if policy is None:
+                raise ValueError("method 'score' needs a compressor (policy)")
+            out[name] = make_score_selector(policy, min_per_frame=min_per_frame)
+        elif name == "fastv":
+            out[name] = make_fastv(adapter, layer=fastv_layer)
+        elif name in SELECTORS:
+            out[name] = SELECTORS[name]
+        else:
+            raise ValueError(f"unknown method {name!r}; known: {['score', *BASELINE_ORDER, 'oracle']}")
+    return out
+
+
+def selection_flops(name: str, selector: Callable, dims: dict, T: int, N: int, full_len: int,
+                    policy: torch.nn.Module | None = None) -> float | None:
+    """Analytic FLOPs of a method's own selection step, where it is not negligible: the SCORE
+    policy (:meth:`ScorePolicy.flops`) and FastV (the first ``layer + 1`` decoder layers over the
+    full sequence). X-only baselines: ``None`` (a few ``T*N*D`` or ``N^2*D`` per frame)."""
+    if name == "score" and policy is not None and hasattr(policy, "flops"):
+        return float(policy.flops(T, N))
+    if name == "fastv":
+        layer = max(0, min(int(getattr(selector, "layer", 2)), dims["layers"] - 1))
+        return prefill_flops(dims, full_len) * (layer + 1) / dims["layers"]
+    return None
+
+
+def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dict[str, Callable],
+                   retentions: Iterable[float], *, policy: torch.nn.Module | None = None, seed: int = 0,
+                   timing_videos: int = 4, timing_repeats: int = 5, log: Callable[[str], None] | None = None) -> dict:
+    """Every method x retention on the same videos and the same K.
+
+    Accuracy: :func:`evaluate_qa` (greedy exact match; also option accuracy) and its % of the
+    full-token accuracy. Cost, on the first ``timing_videos`` videos: LLM prefill wall time
+    (median of ``timing_repeats``) with K kept tokens vs all tokens. Every method keeps exactly K
+    tokens, so the prefill cost depends only on the retention: it is measured once per retention
+    (on the uniform selection) and shared by the methods; each method's own selection time is
+    measured separately (``select_ms``; for ``score`` that is the policy forward + top-K), as is its
+    analytic FLOPs share (``select_flops_pct``). FLOPs ratio: :func:`prefill_flops` at the kept
+    vs the full sequence length. Returns ``{"full": {...}, "rows": [...], "setup": {...}}``."""
+    from pipeline.baselines import uniform_temporal
+
+    say = log or (lambda _m: None)
+    retentions = [float(r) for r in retentions]
+    if not videos:
+        raise ValueError("no evaluation videos")
+    dims = lm_dims(adapter)
+    v0 = videos[0]
+    T, N = int(v0.X.shape[0]), int(v0.X.shape[1])
+    M = T * N
+    L_full = full_length(adapter, v0)
+    timed = videos[: max(1, timing_videos)]
+
+    t0 = time.perf_counter()
+    full = evaluate_qa(adapter, videos, None, 1.0, seed=seed)
+    full_prefill = float(np.mean([time_prefill(adapter, v.X, torch.arange(v.X.shape[0] * v.X.shape[1]),
+                                               qa_prompt(v.qa["question"]), timing_repeats) for v in timed]))
+    full.update(prefill_ms=round(1e3 * full_prefill, 4), length=L_full, flops=prefill_flops(dims, L_full),
+                seconds=round(time.perf_counter() - t0, 2))
+    say(f"full tokens: accuracy {full['accuracy']:.3f} (option {full['option_accuracy']:.3f}), "
+        f"prefill {1e3 * full_prefill:.2f} ms, L={L_full}")
+
+    prefill_by_r: dict[float, float] = {}
+    for r in retentions:
+        times = []
+        for i, v in enumerate(timed):
+            ctx = video_context(adapter, v, seed * 100_003 + i)
+            keep = uniform_temporal(v.X, budget(r, v.X.shape[0] * v.X.shape[1]), ctx)
+            times.append(time_prefill(adapter, v.X, keep, qa_prompt(v.qa["question"]), timing_repeats))
+        prefill_by_r[r] = float(np.mean(times))
+
+    rows = []
+    for name, sel in selectors.items():
+        for r in retentions:
+            t1 = time.perf_counter()
+            acc = evaluate_qa(adapter, videos, sel, r, seed=seed)
+            k = budget(r, M)
+            L_kept = L_full - (M - k)
+            sel_times = []
+            for i, v in enumerate(timed):
+                ctx = video_context(adapter, v, seed * 100_003 + i)
+                kv = budget(r, v.X.shape[0] * v.X.shape[1])
+                sel_times.append(median_time(lambda: sel(v.X, kv, ctx), max(1, timing_repeats // 2), device=adapter.device))
+            select_s = float(np.mean(sel_times))
+            pre = prefill_by_r[r]
+            sflops = selection_flops(name, sel, dims, T, N, L_full, policy)
+            row = {
+                "method": name, "retention": r, "k": k, "tokens": M,
+                "accuracy": acc["accuracy"], "option_accuracy": acc["option_accuracy"],
+                "pct_of_full": round(100.0 * acc["accuracy"] / full["accuracy"], 2) if full["accuracy"] > 0 else None,
+                "per_type": acc["per_type"], "n": acc["n"],
+                "prefill_ms": round(1e3 * pre, 4), "full_prefill_ms": round(1e3 * full_prefill, 4),
+                "speedup": round(full_prefill / pre, 3) if pre > 0 else None,
+                "flops_ratio": round(prefill_flops(dims, L_kept) / prefill_flops(dims, L_full), 5),
+                "select_ms": round(1e3 * select_s, 4),
+                "select_pct_of_full_prefill_time": round(100.0 * select_s / full_prefill, 3) if full_prefill > 0 else None,
+                "select_flops_pct": None if sflops is None else round(100.0 * sflops / prefill_flops(dims, L_full), 4),
+                "speedup_with_select": round(full_prefill / (pre + select_s), 3) if pre + select_s > 0 else None,
+                "seconds": round(time.perf_counter() - t1, 2),
+            }
+            rows.append(row)
+            say(f"{name:>15} r={r:<5g} acc {row['accuracy']:.3f} ({row['pct_of_full']}% of full)  "
+                f"prefill {row['prefill_ms']:.2f} ms (x{row['speedup']})  select {row['select_ms']:.2f} ms")
+    setup = {"videos": len(videos), "grid": [T, *adapter.visual_grid(T)[1:]], "tokens_per_video": M,
+             "full_length": L_full, "lm": dims, "timing_videos": len(timed), "timing_repeats": timing_repeats,
+             "device": str(adapter.device), "dtype": str(adapter.dtype).replace("torch.", ""),
+             "torch_threads": torch.get_num_threads()}
+    return {"full": full, "rows": rows, "setup": setup}
+
+
+def results_markdown(results: dict) -> str:
+    """The runner's result as a markdown table (one row per method x retention)."""
+    full = results["full"]
+    head = ("| method | retention | K | accuracy | % of full | option acc. | prefill ms | speedup | FLOPs ratio "
+            "| select ms | select % of full prefill (time / FLOPs) |")
+    lines = [head, "|" + "---|" * 11,
+             f"| full | 100% | {results['setup']['tokens_per_video']} | {full['accuracy']:.3f} | 100.0 | "
+             f"{full['option_accuracy']:.3f} | {full['prefill_ms']:.2f} | 1.00 | 1.000 | - | - |"]
+    for row in results["rows"]:
+        fl = "-" if row["select_flops_pct"] is None else f"{row['select_flops_pct']:.2f}%"
+        pct = "-" if row["pct_of_full"] is None else f"{row['pct_of_full']:.1f}"
+        lines.append(
+            f"| {row['method']} | {row['retention']:.0%} | {row['k']} | {row['accuracy']:.3f} | {pct} | "
+            f"{row['option_accuracy']:.3f} | {row['prefill_ms']:.2f} | {row['speedup']:.2f} | {row['flops_ratio']:.3f} | "
+            f"{row['select_ms']:.2f} | {row['select_pct_of_full_prefill_time']:.1f}% / {fl} |")
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""Figures: accuracy vs retention, and token-mask overlays like the SCORE paper's Figure 5.
+
+Matplotlib with the non-interactive Agg backend; every function writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_accuracy_vs_retention(results: dict, path: str | Path, title: str | None = None) -> Path:
+    """One line per method (accuracy vs retention, log x), the full-token accuracy dashed."""
+    path = Path(path)
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for row in results["rows"]:
+        by_method.setdefault(row["method"], []).append((row["retention"], row["accuracy"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name, pts in by_method.items():
+        pts.sort()
+        style = dict(lw=2.4, marker="o", zorder=3) if name == "score" else dict(lw=1.3, marker=".")
+        if name == "oracle":
+            style.update(ls=":", color="grey")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
+    full = results["full"]["accuracy"]
+    ax.axhline(full, ls="--", color="black", lw=1, label=f"all tokens ({full:.3f})")
+    rs = sorted({row["retention"] for row in results["rows"]})
+    if rs and min(rs) > 0:
+        ax.set_xscale("log")
+        ax.set_xticks(rs)
+        ax.set_xticklabels([f"{r:.0%}" if r >= 0.01 else f"{r:.1%}" for r in rs])
+        ax.minorticks_off()
+    ax.set_xlabel("retention (kept visual tokens)")
+    ax.set_ylabel("QA accuracy (greedy exact match)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"accuracy vs retention ({results['setup']['videos']} videos)")
+    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def frame_for_step(num_frames: int, steps: int) -> list[int]:
+    """Source frame shown for each temporal step of the token grid (``steps <= num_frames``, e.g.
+    Qwen2-VL's temporal patches of 2 frames): the first frame of the step."""
+    return [min(num_frames - 1, (t * num_frames) // steps) for t in range(steps)]
+
+
+def masked_frame(frame: np.ndarray, kept: np.ndarray, dim: float = 0.22) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` and bool ``kept[gh, gw]`` -> the frame with dropped grid cells dimmed
+    (cell boundaries at ``round(i * H / gh)``) and a thin light grid between cells."""
+    h, w = frame.shape[:2]
+    gh, gw = kept.shape
+    ys = np.round(np.arange(gh + 1) * h / gh).astype(int)
+    xs = np.round(np.arange(gw + 1) * w / gw).astype(int)
+    cell = np.zeros((h, w), dtype=bool)
+    for i in range(gh):
+        for j in range(gw):
+            if kept[i, j]:
+                cell[ys[i]:ys[i + 1], xs[j]:xs[j + 1]] = True
+    out = frame.astype(np.float32)
+    out[~cell] = out[~cell] * dim + 255 * 0.04
+    if min(h / gh, w / gw) >= 6:  # grid lines only where cells are big enough to see
+        for y in ys[1:-1]:
+            out[y, :] = out[y, :] * 0.5 + 255 * 0.25
+        for x in xs[1:-1]:
+            out[:, x] = out[:, x] * 0.5 + 255 * 0.25
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def mask_overlay(frames: np.ndarray, keeps: Mapping[str, torch.Tensor | np.ndarray], grid: tuple[int, int, int],
+                 path: str | Path, title: str | None = None, max_frames: int = 8) -> Path:
+    """Paper-Figure-5-style panel: the frames in a row (top: original), then one row per method
+    with its kept tokens shown and the dropped ones dimmed.
+
+    frames: uint8 ``[F, H, W, 3]``; keeps: ``{method: sorted flat keep index into T*gh*gw}``;
+    grid: ``(T, gh, gw)`` of the token grid (T <= F). At most ``max_frames`` evenly spaced steps
+    are drawn; each row's label gives the kept count over the whole video."""
+    path = Path(path)
+    frames = np.asarray(frames)
+    T, gh, gw = grid
+    n = gh * gw
+    steps = np.unique(np.round(np.linspace(0, T - 1, min(T, max_frames))).astype(int))
+    src = frame_for_step(len(frames), T)
+    rows = [("all tokens", None)] + list(keeps.items())
+    fig, axes = plt.subplots(len(rows), len(steps), figsize=(1.25 * len(steps) + 1.2, 1.3 * len(rows) + 0.5),
+                             dpi=110, squeeze=False)
+    for r, (name, keep) in enumerate(rows):
+        mask = None
+        if keep is not None:
+            idx = np.asarray(keep.cpu() if isinstance(keep, torch.Tensor) else keep, dtype=np.int64)
+            mask = np.zeros(T * n, dtype=bool)
+            mask[idx] = True
+            mask = mask.reshape(T, gh, gw)
+        for c, t in enumerate(steps):
+            ax = axes[r, c]
+            img = frames[src[t]]
+            ax.imshow(img if mask is None else masked_frame(img, mask[t]), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"t={t}", fontsize=7)
+            if c == 0:
+                label = name if mask is None else f"{name}\n{int(mask.sum())}/{T * n}"
+                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def check_png(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of a PNG, read back with PIL (raises if it is not a valid image)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.size
+
+
+__all__: Sequence[str] = ("plot_accuracy_vs_retention", "mask_overlay", "masked_frame", "frame_for_step", "check_png")

