@@ -387,7 +387,7 @@ def test_config_fields_and_defaults():
 # ------------------------------------------------------------------------------ end to end (tiny)
 def test_policy_learns_to_keep_surprising_tokens():
     """Policy + split advantage + loss: a rollout is safe iff it keeps every high-surprise token;
-    in 50 on-policy steps the policy keeps those and drops the static background."""
+    in 80 on-policy steps the policy keeps those and drops the static background."""
     torch.manual_seed(0)
     t, gh, gw, d = 4, 4, 4, 16
     n = gh * gw
@@ -397,21 +397,26 @@ def test_policy_learns_to_keep_surprising_tokens():
     X[3, 14] += 3 * torch.randn(d)
     hot = (surprise_state(X[None])[1][0] > 0.5).reshape(-1)
     assert 3 <= int(hot.sum()) <= 6
-    stage = StageConfig(group_size=16, lr=1e-2)
+    stage = StageConfig(group_size=16, lr=3e-3)  # 1e-2 saturates probabilities before the signal arrives
     pol = ScorePolicy(d, PolicyConfig(hidden=32, layers=1, heads=2))
     opt = torch.optim.Adam(pol.parameters(), lr=stage.lr)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        z = pol(X[None], (gh, gw))
-        masks = sample_masks(z.detach(), stage.group_size, gen)
-        dce = torch.where((masks | ~hot).all(-1), 1.0, -1.0)
-        adv = split_advantage(dce, sparsity(masks), stage.penalty, stage.adv_eps, stage.penalty_scale_by_dce)
-        out = clipped_surrogate_loss(z, masks, z.detach(), adv, clip=stage.clip, entropy_coef=stage.entropy)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-    with torch.no_grad():
-        p = torch.sigmoid(pol(X[None], (gh, gw)))[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a bit-reproducible trajectory whatever the machine's core count
+    try:
+        for _ in range(80):
+            z = pol(X[None], (gh, gw))
+            masks = sample_masks(z.detach(), stage.group_size, gen)
+            dce = torch.where((masks | ~hot).all(-1), 1.0, -1.0)
+            adv = split_advantage(dce, sparsity(masks), stage.penalty, stage.adv_eps, stage.penalty_scale_by_dce)
+            out = clipped_surrogate_loss(z, masks, z.detach(), adv, clip=stage.clip, entropy_coef=stage.entropy)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+        with torch.no_grad():
+            p = torch.sigmoid(pol(X[None], (gh, gw)))[0]
+    finally:
+        torch.set_num_threads(threads)
     assert p[hot].min() > 0.9 and p[~hot].max() < 0.3
     keep = topk_keep(p.logit(), k=int(hot.sum()))
     assert torch.equal(keep, torch.nonzero(hot).squeeze(-1))

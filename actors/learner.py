@@ -1,0 +1,257 @@
+"""Learner: Ray Train ``TorchTrainer`` whose workers train the policy with DeepSpeed.
+
+Data flow (DESIGN.md section 2): the driver passes the streaming rollout dataset (sample stream ->
+``map_batches(RolloutWorker, ActorPoolStrategy)``) as ``datasets={"rollouts": ds}``; every worker
+reads its shard with ``ray.train.get_dataset_shard("rollouts").iter_batches(batch_size)``, so the
+rollout actors and the learner run at the same time and a rollout lags the learner by at most the
+pipeline depth (blocks in flight + ``learner.prefetch_batches``). Per learner step:
+
+1. next rollout batch (``timing/data``); records older than ``rollout.max_staleness`` versions are
+   dropped and counted (:func:`filter_stale`; ``rollout/dropped_stale``);
+2. split advantages + clipped surrogate (``pipeline.trainer.advantages`` / ``surrogate`` on the
+   DeepSpeed engine), ``engine.backward`` + ``engine.step`` (``timing/learn``; the client optimizer
+   is ``torch.optim.AdamW`` - DeepSpeed's own Adam JIT-compiles C++ ops);
+3. rank 0 publishes weights ``v+1`` to the stage's PolicyStore (``timing/weight_sync``);
+4. ``ray.train.report(metrics)`` on every rank; rank 0 writes the step's TensorBoard scalars.
+
+At the end rank 0 saves the policy (``save_pretrained``) to ``<stage dir>/policy`` and writes
+``<stage dir>/learner_summary.json``. With several workers the ranks agree (all-reduce) on whether
+every rank still has data, so no rank waits in a collective for one that ran dry; a rank whose
+whole batch is stale still runs the step with zero loss so the gradient all-reduce stays aligned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.config import Config
+
+# learner metric names (TensorBoard tags) in addition to pipeline.trainer's
+DROPPED_STALE = "rollout/dropped_stale"  # cumulative records dropped for staleness
+DROPPED_SHAPE = "rollout/dropped_shape"  # cumulative records dropped: shape differs from the batch's
+RETRIES = "rollout/retries"  # rollout batches retried after an actor died (cumulative)
+QUARANTINED = "data/quarantined"  # samples quarantined so far
+RECORDS = "rollout/records"  # records used this step
+
+
+def filter_stale(records: Sequence[Mapping[str, Any]], current_version: int, max_staleness: int
+                 ) -> tuple[list[Mapping[str, Any]], int]:
+    """``(kept, dropped)``: records whose ``policy_version`` lags ``current_version`` by more than
+    ``max_staleness`` are dropped (a record from the future - impossible - is kept)."""
+    kept = [r for r in records if int(current_version) - int(r["policy_version"]) <= int(max_staleness)]
+    return kept, len(records) - len(kept)
+
+
+def largest_shape_group(records: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], int]:
+    """Records of the most common ``(X, mask_bits)`` shape (one RolloutBatch needs one shape) and
+    how many others were left out."""
+    groups: dict[tuple, list] = {}
+    for r in records:
+        groups.setdefault((np.shape(r["X"]), np.shape(r["mask_bits"])), []).append(r)
+    best = max(groups.values(), key=len) if groups else []
+    return best, len(records) - len(best)
+
+
+def deepspeed_config(cfg: Config, stage: str) -> dict[str, Any]:
+    scfg = getattr(cfg.stage, stage)
+    return {
+        "train_micro_batch_size_per_gpu": scfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": scfg.max_grad_norm,
+        "zero_optimization": {"stage": cfg.learner.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _save_policy(policy: Any, dest: str, cfg: Config) -> str:
+    """``save_pretrained`` to a local directory or an ``s3://`` prefix."""
+    from pipeline import storage
+
+    if not storage.is_s3(dest):
+        return str(policy.save_pretrained(dest))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        policy.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            storage.write_bytes(storage.join(dest, f.name), f.read_bytes(), cfg.data.s3)
+    return dest
+
+
+def _all_ranks_true(flag: bool, world: int) -> bool:
+    if world <= 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker loop (see module doc). ``config``: ``cfg`` (Config dump), ``stage``,
+    ``store`` (PolicyStore actor name), ``stage_dir``, ``tensorboard``, ``init_policy``,
+    ``quarantine`` (a QuarantineLog or None)."""
+    import deepspeed
+    import ray
+    import ray.train
+    import torch
+
+    from actors.policy_store import get_store
+    from actors.rollout import columns_to_records
+    from pipeline import trainer as tr
+    from pipeline.metrics import MetricsWriter, mean_metrics, timed
+    from pipeline.policy import ScorePolicy
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    cfg = Config.model_validate(config["cfg"])
+    stage = config["stage"]
+    scfg = getattr(cfg.stage, stage)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    timeout = cfg.run.call_timeout_s
+    store = get_store(config["store"], timeout) if rank == 0 else None
+    quarantine = config.get("quarantine")
+    writer = MetricsWriter(config["tensorboard"]) if rank == 0 and config.get("tensorboard") else None
+
+    shard = ray.train.get_dataset_shard("rollouts")
+    batches = iter(shard.iter_batches(batch_size=scfg.batch_size, batch_format="numpy",
+                                      prefetch_batches=cfg.learner.prefetch_batches))
+
+    t_start = time.perf_counter()
+    engine = None
+    version = 0
+    dropped_stale = dropped_shape = 0
+    history: list[dict[str, float]] = []
+    exhausted = False
+    t_last = time.perf_counter()
+    try:
+        for step in range(scfg.steps):
+            m: dict[str, float] = {}
+            with timed(m, "data"):
+                batch = next(batches, None)
+            if not _all_ranks_true(batch is not None, world):
+                exhausted = True
+                break
+            records = columns_to_records(batch)
+            kept, n_stale = filter_stale(records, version, cfg.rollout.max_staleness)
+            dropped_stale += n_stale
+            scale = 1.0 if kept else 0.0  # all stale: a zero-loss step keeps collectives aligned
+            use, n_shape = largest_shape_group(kept if kept else records)
+            dropped_shape += n_shape if kept else 0
+            rb = tr.RolloutBatch.from_records(use)
+            if engine is None:
+                if config.get("init_policy"):
+                    policy = ScorePolicy.from_pretrained(config["init_policy"])
+                else:  # the rollout actors start from the same seeded weights (version 0)
+                    policy = tr.init_policy(int(rb.X.shape[-1]), cfg.policy, cfg.run.seed)
+                opt = torch.optim.AdamW(policy.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
+                engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=opt,
+                                                       config=deepspeed_config(cfg, stage))
+                start_sha = tr.weights_sha(engine.module)
+            dev = engine.device
+            lr = tr.lr_at(step, scfg)
+            for g in engine.optimizer.param_groups:
+                g["lr"] = lr
+            adv = tr.advantages(rb, scfg)
+            m.update(tr.batch_metrics(rb, adv))
+            X, masks = rb.X.to(dev), rb.unpacked_masks().to(dev)
+            old, adv_d = rb.old_logits.to(dev), adv.to(dev)
+            passes = []
+            engine.train()
+            with timed(m, "learn"):
+                for _ in range(scfg.ppo_epochs):
+                    out = tr.surrogate(engine, X, rb.grid, masks, old, adv_d, scfg)
+                    engine.backward(out["loss"] * scale)
+                    engine.step()
+                    gn = engine.get_global_grad_norm()
+                    passes.append({
+                        tr.LOSS: float(out["loss"].detach()), tr.PG_LOSS: float(out["pg_loss"]),
+                        tr.ENTROPY: float(out["entropy"]), tr.CLIP_FRAC: float(out["clip_frac"]),
+                        tr.APPROX_KL: float(out["approx_kl"]), tr.RATIO: float(out["ratio"]),
+                        tr.KEEP_PROB: float(out["keep_prob"]),
+                        tr.GRAD_NORM: float(gn) if gn is not None else float("nan"),
+                    })
+            m.update(mean_metrics(passes))
+            lag = float(version - rb.policy_version.float().mean())
+            version += 1
+            if rank == 0:
+                with timed(m, "weight_sync"):
+                    ray.get(store.publish.remote(version, engine.module.state_dict()), timeout=timeout)
+            now = time.perf_counter()
+            m.update({
+                tr.LR: lr, tr.VERSION: float(version), tr.VERSION_LAG: lag,
+                DROPPED_STALE: float(dropped_stale), DROPPED_SHAPE: float(dropped_shape), RECORDS: float(len(use)) * scale,
+                "timing/rollout": float(np.mean([float(r.get("rollout_s", 0.0)) for r in use])),
+                tr.ROLLOUTS_PER_S: len(use) * world * rb.group_size / max(now - t_last, 1e-9),
+            })
+            t_last = now
+            if rank == 0 and (step % cfg.learner.log_every == 0 or step == scfg.steps - 1):
+                m[RETRIES] = float(ray.get(store.retries.remote(), timeout=timeout))
+                if quarantine is not None:
+                    m[QUARANTINED] = float(quarantine.total())
+            history.append(m)
+            if writer is not None and (step % cfg.learner.log_every == 0 or step == scfg.steps - 1):
+                writer.log(step, m)
+            ray.train.report({k: v for k, v in m.items() if np.isfinite(v)} | {"step": step})
+    finally:
+        if writer is not None:
+            writer.close()
+
+    if rank == 0:
+        policy_dir = None
+        summary: dict[str, Any] = {"stage": stage, "steps_done": len(history), "exhausted": exhausted}
+        if engine is not None:
+            policy_dir = _save_policy(engine.module, config["stage_dir"].rstrip("/") + "/policy", cfg)
+            seconds = time.perf_counter() - t_start
+            rollouts = int(sum(h.get(RECORDS, 0.0) for h in history)) * world * scfg.group_size
+            summary.update({
+                "final_version": version, "dropped_stale": dropped_stale, "dropped_shape": dropped_shape,
+                "retries": int(ray.get(store.retries.remote(), timeout=timeout)),
+                "quarantined": quarantine.counts() if quarantine is not None else {},
+                "seconds": round(seconds, 3), "rollouts": rollouts,
+                "rollouts_per_s": rollouts / seconds if seconds > 0 else 0.0,
+                "first": mean_metrics(history[:5]), "last": mean_metrics(history[-5:]),
+                "start_sha": start_sha, "final_sha": tr.weights_sha(engine.module), "policy": policy_dir,
+                "workers": world, "zero_stage": cfg.learner.zero_stage,
+            })
+        from pipeline import storage
+
+        storage.write_bytes(config["stage_dir"].rstrip("/") + "/learner_summary.json",
+                            (json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n").encode(), cfg.data.s3)
+
+
+def make_trainer(cfg: Config, stage: str, rollouts_ds: Any, *, store: str, stage_dir: str, tensorboard: str | None,
+                 init_policy: str | None = None, quarantine: Any = None) -> Any:
+    """The stage's ``TorchTrainer`` (``fit()`` not called)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    lc = cfg.learner
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(lc.health_check_interval_s))
+    resources: dict[str, float] = {"CPU": lc.cpus_per_worker}
+    if lc.use_gpu:
+        resources["GPU"] = 1
+    backend = lc.backend if lc.backend != "auto" else ("nccl" if lc.use_gpu else "gloo")
+    from pipeline import storage
+
+    ray_storage = stage_dir.rstrip("/") + "/ray_train"
+    if not storage.is_s3(ray_storage):
+        ray_storage = str(Path(ray_storage).resolve())
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(), "stage": stage, "store": store, "stage_dir": stage_dir,
+                           "tensorboard": tensorboard, "init_policy": init_policy, "quarantine": quarantine},
+        scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend=backend),
+        datasets={"rollouts": rollouts_ds},
+        run_config=RunConfig(name=f"{cfg.run.name}-{stage}", storage_path=ray_storage),
+    )

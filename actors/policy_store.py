@@ -1,0 +1,127 @@
+"""PolicyStore: a named Ray actor holding the newest policy weights of one stage, versioned.
+
+The learner (rank 0) publishes version ``v+1`` after each update; rollout actors pull the newest
+version between batches. Weights are small (the policy is a few MB at most), so they travel as a
+plain ``{name: numpy array}`` dict through the object store.
+
+The store also keeps the run's bookkeeping that must survive a rollout actor's restart: which
+rollout batches were started (so a batch that a restarted actor processes again is counted as a
+retry) and how many times.
+
+    store = PolicyStore.options(name=store_name(run, stage)).remote()
+    store.publish.remote(1, state_dict)      # numpy or torch values
+    version, sd = ray.get(store.latest.remote())
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+
+
+def store_name(run: str, stage: str) -> str:
+    """Actor name of a stage's store (one per run and stage)."""
+    return f"score-policy-store:{run}:{stage}"
+
+
+def to_numpy_state(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``{name: np.ndarray}`` (CPU copies) from torch tensors or arrays."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in state_dict.items():
+        if hasattr(v, "detach"):
+            v = v.detach().to("cpu").contiguous().numpy()
+        out[k] = np.array(v, copy=True)
+    return out
+
+
+def to_torch_state(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    import torch
+
+    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class PolicyStore:
+    """Versioned weights: ``version() == -1`` until the first publish."""
+
+    def __init__(self) -> None:
+        self._version = -1
+        self._state: dict[str, np.ndarray] | None = None
+        self._published_at: dict[int, float] = {}
+        self._attempts: dict[str, int] = {}
+        self._retries = 0
+
+    # -------------------------------------------------------------- weights
+    def publish(self, version: int, state_dict: Mapping[str, Any]) -> int:
+        """Store ``state_dict`` as ``version`` (must not go backwards); returns the stored version."""
+        version = int(version)
+        if version < self._version:
+            raise ValueError(f"publish: version {version} is older than the stored {self._version}")
+        self._state = to_numpy_state(state_dict)
+        self._version = version
+        self._published_at[version] = time.time()
+        return version
+
+    def version(self) -> int:
+        return self._version
+
+    def latest(self) -> tuple[int, dict[str, np.ndarray] | None]:
+        return self._version, self._state
+
+    def latest_if_newer(self, have: int) -> tuple[int, dict[str, np.ndarray] | None]:
+        """``(version, state)`` when newer than ``have``, else ``(version, None)`` (no transfer)."""
+        if self._version > int(have):
+            return self._version, self._state
+        return self._version, None
+
+    def published_at(self, version: int) -> float | None:
+        return self._published_at.get(int(version))
+
+    # -------------------------------------------------------------- rollout batch bookkeeping
+    def begin_batch(self, key: str) -> int:
+        """Record that a rollout batch started; returns its attempt number (1 = first try)."""
+        n = self._attempts.get(key, 0) + 1
+        self._attempts[key] = n
+        if n > 1:
+            self._retries += 1
+        return n
+
+    def retries(self) -> int:
+        return self._retries
+
+    def stats(self) -> dict[str, Any]:
+        return {"version": self._version, "batches": len(self._attempts), "retries": self._retries}
+
+
+def get_store(name: str, timeout_s: float = 60.0) -> Any:
+    """The named store actor (waits up to ``timeout_s`` for it to appear)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get_actor(name)
+        except ValueError:
+            if time.monotonic() > deadline:
+                from pipeline.ray_utils import RayTimeoutError
+
+                raise RayTimeoutError(f"PolicyStore actor {name!r} not found within {timeout_s:.0f} s") from None
+            time.sleep(0.2)
+
+
+def create_store(name: str) -> Any:
+    """A fresh store named ``name`` (an existing one with that name, e.g. from an earlier failed
+    attempt in the same cluster, is killed first)."""
+    try:
+        ray.kill(ray.get_actor(name))
+    except ValueError:
+        pass
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            return PolicyStore.options(name=name).remote()
+        except ValueError:  # the killed actor's name is released asynchronously
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

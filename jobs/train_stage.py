@@ -1,0 +1,226 @@
+"""One curriculum stage on Ray: sample stream -> rollout actor pool -> DeepSpeed learner.
+
+    python jobs/train_stage.py --config configs/demo.yaml --stage pseudo_video \
+        [--init-policy DIR] [--run NAME] [--storage DIR] [--set key=value ...]
+
+The driver (this script; also what ``jobs/train_curriculum.py`` submits as a Ray job):
+
+1. validates the config (exit 1 with a one-line error, before any Ray work), connects to Ray
+   (``ensure_ray``: ``$RAY_ADDRESS`` inside a job, else ``run.ray_address``, else a local cluster)
+   and checks the cluster has the CPUs/GPUs the learner and the minimum rollout pool need;
+2. creates the stage's PolicyStore actor (version 0 = ``--init-policy`` when given);
+3. builds the streaming dataset ``<stage samples>.map_batches(RolloutWorker,
+   compute=ActorPoolStrategy(min_actors, max_actors))`` (enough epochs of the shards for
+   ``steps * batch_size`` samples) and hands it to the TorchTrainer as ``datasets={"rollouts": ds}``;
+4. runs ``fit()`` under ``learner.fit_timeout_s`` and prints a summary line, then one JSON line.
+
+Layout: ``<storage>/<run>/<stage>/{policy/, learner_summary.json, ray_train/}`` and
+``<storage>/<run>/tensorboard/<stage>/`` (TensorBoard needs a local storage path; with ``s3://``
+storage the event files go under ``runs/<run>/tensorboard``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+try:
+    import _bootstrap  # noqa: F401  (repo root on sys.path when run as a script)
+except ImportError:  # imported as jobs.train_stage
+    pass
+
+from pipeline.config import Config, add_config_args, config_from_args
+
+STAGES = ("pseudo_video", "real_video")
+# environment every stage process wants (the curriculum passes it in the job's runtime_env)
+DEFAULT_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def stage_paths(cfg: Config, stage: str) -> dict[str, str]:
+    from pipeline import storage
+
+    base = storage.join(cfg.run.storage, cfg.run.name)
+    if not storage.is_s3(base):
+        base = str(Path(base).resolve())
+    tb_base = base if not storage.is_s3(base) else str(Path("runs", cfg.run.name).resolve())
+    return {"run": base, "stage": storage.join(base, stage), "tensorboard": str(Path(tb_base, "tensorboard", stage))}
+
+
+def check_resources(cfg: Config, resources: dict[str, float]) -> None:
+    """Raise ``RuntimeError`` naming what is missing when the cluster cannot hold the learner plus
+    the minimum rollout pool (plus one reader task's CPU)."""
+    lc, rc = cfg.learner, cfg.rollout
+    need = {"CPU": lc.num_workers * lc.cpus_per_worker + rc.min_actors * rc.num_cpus,
+            "GPU": (lc.num_workers if lc.use_gpu else 0) + rc.min_actors * rc.num_gpus}
+    missing = {k: v - resources.get(k, 0.0) for k, v in need.items() if v > resources.get(k, 0.0) + 1e-9}
+    if missing:
+        have = {k: resources.get(k, 0.0) for k in need}
+        raise RuntimeError(
+            f"cluster too small for this stage: need {need} (learner {lc.num_workers} x {lc.cpus_per_worker} CPU"
+            f"{' + 1 GPU' if lc.use_gpu else ''}, rollout pool min {rc.min_actors} x {rc.num_cpus} CPU"
+            f" + {rc.num_gpus} GPU), have {have}; missing {missing}")
+
+
+def _epoch_size(cfg: Config, stage: str) -> int:
+    """Samples one pass over the shards yields (upper bound, read from metadata only)."""
+    from pipeline.data import readers
+
+    d = cfg.data
+    if stage == "pseudo_video":
+        import pyarrow.parquet as pq
+
+        from pipeline import storage
+
+        n = 0
+        for p in readers.list_image_shards(d.image_shards, d.s3):
+            fs, path = storage.filesystem(p, d.s3)
+            with fs.open_input_file(path) as f:
+                n += pq.ParquetFile(f).metadata.num_rows // d.pseudo_images
+        return n
+    n = 0
+    for p in readers.list_video_annotations(d.video_shards, d.s3):
+        n += sum(1 for e in readers.read_video_index(p, d.s3) if isinstance(e, dict))
+    return n
+
+
+def samples_dataset(cfg: Config, stage: str, quarantine: Any) -> tuple[Any, int]:
+    """The stage's sample stream, repeated for enough epochs to feed ``steps * batch_size``
+    samples (epoch ``e`` of stage 1 regroups images with seed ``run.seed + e``, like the
+    single-process trainer). Returns ``(dataset, epochs)``."""
+    from pipeline.data import stream
+
+    scfg = getattr(cfg.stage, stage)
+    per_epoch = max(1, _epoch_size(cfg, stage))
+    epochs = max(1, math.ceil(scfg.steps * scfg.batch_size / per_epoch))
+    parts = []
+    for e in range(epochs):
+        if stage == "pseudo_video":
+            parts.append(stream.pseudo_video_dataset(cfg, int(cfg.run.seed) + e, quarantine=quarantine))
+        else:
+            parts.append(stream.video_dataset(cfg, quarantine=quarantine))
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    return ds, epochs
+
+
+def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None,
+              log: Callable[[str], Any] | None = print) -> dict[str, Any]:
+    """Run one stage on the connected (or a fresh local) Ray cluster; returns the stage summary."""
+    import ray
+
+    from actors.learner import make_trainer
+    from actors.policy_store import create_store, store_name
+    from actors.rollout import rollout_dataset
+    from pipeline import storage
+    from pipeline.data.quarantine import QuarantineLog
+    from pipeline.ray_utils import RayTimeoutError, ensure_ray
+    from pipeline.trainer import stage_seed
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    for k, v in DEFAULT_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.learner.health_check_interval_s))
+    # a local cluster gets the dashboard: Ray Train's placement-group cleaner polls the state API
+    resources = ensure_ray(cfg.run.ray_address, include_dashboard=True, timeout_s=cfg.run.call_timeout_s)
+    check_resources(cfg, resources)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+
+    paths = stage_paths(cfg, stage)
+    seed = stage_seed(int(cfg.run.seed), stage)
+    name = store_name(cfg.run.name, stage)
+    store = create_store(name)
+    if init_policy:
+        from pipeline.policy import ScorePolicy
+
+        ray.get(store.publish.remote(0, ScorePolicy.from_pretrained(init_policy).state_dict()),
+                timeout=cfg.run.call_timeout_s)
+    quarantine = QuarantineLog()
+    samples, epochs = samples_dataset(cfg, stage, quarantine)
+    rollouts = rollout_dataset(samples, cfg, stage, name, seed, init_policy_dir=init_policy)
+    trainer = make_trainer(cfg, stage, rollouts, store=name, stage_dir=paths["stage"],
+                           tensorboard=paths["tensorboard"], init_policy=init_policy, quarantine=quarantine)
+    scfg = getattr(cfg.stage, stage)
+    if log:
+        log(f"[{stage}] run {cfg.run.name}: {scfg.steps} steps x {scfg.batch_size} samples x G={scfg.group_size}; "
+            f"rollout pool {cfg.rollout.min_actors}..{cfg.rollout.max_actors} x {cfg.rollout.num_cpus} CPU; "
+            f"learner {cfg.learner.num_workers} worker(s) ZeRO-{cfg.learner.zero_stage}; {epochs} data epoch(s)")
+
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = e
+
+    t0 = time.perf_counter()
+    th = threading.Thread(target=fit, name=f"fit-{stage}", daemon=True)
+    th.start()
+    th.join(cfg.learner.fit_timeout_s)
+    if th.is_alive():
+        raise RayTimeoutError(f"[{stage}] TorchTrainer.fit did not finish within {cfg.learner.fit_timeout_s:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    seconds = time.perf_counter() - t0
+    try:
+        summary = json.loads(storage.read_bytes(storage.join(paths["stage"], "learner_summary.json"), cfg.data.s3))
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"[{stage}] the learner wrote no summary ({e})") from None
+    store_stats = ray.get(store.stats.remote(), timeout=cfg.run.call_timeout_s)
+    ray.kill(store)
+    summary.update(stage_seconds=round(seconds, 3), epochs=epochs, store=store_stats, init_from=init_policy,
+                   tensorboard=paths["tensorboard"], stage_dir=paths["stage"])
+    if log:
+        log(summary_line(summary))
+    return summary
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    f, l = s.get("first", {}), s.get("last", {})
+
+    def arrow(k: str) -> str:
+        return f"{f.get(k, float('nan')):.3f}->{l.get(k, float('nan')):.3f}"
+
+    return (f"[{s['stage']}] {s.get('steps_done', 0)} steps in {s.get('stage_seconds', 0):.1f}s "
+            f"({s.get('rollouts_per_s', 0):.1f} rollouts/s) policy v{s.get('final_version', 0)} "
+            f"kept {arrow('sparsity/kept_ratio')} safe {arrow('dce/safe_frac')} reward {arrow('reward')} "
+            f"stale-dropped {s.get('dropped_stale', 0)} retries {s.get('retries', 0)} "
+            f"quarantined {sum((s.get('quarantined') or {}).values())}"
+            + (" (data exhausted)" if s.get("exhausted") else "") + f" -> {s.get('policy')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_args(p)
+    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--init-policy", default=None, help="policy directory (save_pretrained layout) to start from")
+    p.add_argument("--run", default=None, help="run name (default: run.name)")
+    p.add_argument("--storage", default=None, help="storage root, local or s3:// (default: run.storage)")
+    args = p.parse_args(argv)
+    if args.run:
+        args.overrides.append(f"run.name={args.run}")
+    if args.storage:
+        args.overrides.append(f"run.storage={args.storage}")
+    cfg = config_from_args(args)
+    import ray
+
+    try:
+        summary = run_stage(cfg, args.stage, init_policy=args.init_policy)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("first", "last")} | {
+        "first": summary.get("first"), "last": summary.get("last")}, sort_keys=True, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
