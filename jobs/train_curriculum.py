@@ -53,10 +53,10 @@ def job_env(cfg: Config) -> dict[str, str]:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(cfg.learner.health_check_interval_s),
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REQUEST_CHECKSUM_CALCULATION",
+    # DeepSpeed's compiled ops: torch's own cache (~/.cache/torch_extensions) unless the caller says otherwise
+    for k in ("TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REQUEST_CHECKSUM_CALCULATION",
               "AWS_RESPONSE_CHECKSUM_VALIDATION", "AWS_EC2_METADATA_DISABLED"):
         if k in os.environ:
             env[k] = os.environ[k]

@@ -4,7 +4,7 @@ learner in Ray Train, one stage end to end, and the curriculum as Ray jobs.
 Tiny everything: a random LLaVA-OneVision (16x16 frames -> 2x2 tokens per frame, D=32) saved to a
 tmp dir so actors load it with ``load_mllm``; a 16-image / 8-video shapes world; a policy of
 hidden 32 and one layer; 3 steps per stage. DeepSpeed's shm comm op compiles once (~30 s) into
-``TORCH_EXTENSIONS_DIR`` (``.cache/torch_extensions``); later runs reuse it.
+torch's extension cache (``~/.cache/torch_extensions``); later runs reuse it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from conftest import build_tiny_mllm
 from pipeline.config import Config, WorldConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-EXT_DIR = str(ROOT / ".cache" / "torch_extensions")
 STEPS = 3
 
 
@@ -47,7 +46,7 @@ def assets(tmp_path_factory):
         "policy": {"hidden": 32, "layers": 1, "heads": 2},
         "stage": {"pseudo_video": stage, "real_video": stage},
         "rollout": {"min_actors": 1, "max_actors": 1, "num_cpus": 0.5, "max_staleness": 2},
-        "learner": {"num_workers": 1, "cpus_per_worker": 0.5, "zero_stage": 1, "fit_timeout_s": 300},
+        "learner": {"num_workers": 1, "cpus_per_worker": 0.5, "zero_stage": 1, "fit_timeout_s": 600},  # the first run compiles the shm comm op
     }
     (root / "cfg.yaml").write_text(yaml.safe_dump(tree))
     return root
@@ -133,7 +132,6 @@ def test_stage_end_to_end(ray_cluster, assets, monkeypatch):
     """Rollout actor pool (Ray Data) -> DeepSpeed learner (Ray Train), streaming: learner steps
     happen, the PolicyStore version advances with them, rollouts carry versions within the
     staleness bound, TensorBoard has the scalars, the final policy is saved."""
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", EXT_DIR)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.syspath_prepend(str(ROOT / "jobs"))
     from train_stage import run_stage
@@ -165,10 +163,10 @@ def test_curriculum_as_ray_jobs(assets):
     server, runs both stages as Ray jobs (stage 2 from stage 1's policy), prints the JSON summary
     last; a re-run (new head, no job history) skips both finished stages."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=EXT_DIR)
+    env.update(OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(ROOT / "jobs" / "train_curriculum.py"), "--config", str(assets / "cfg.yaml"),
            "--run", "cur"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     run_dir = assets / "runs" / "cur"
