@@ -120,7 +120,7 @@ def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None,
     from pipeline import storage
     from pipeline.data.quarantine import QuarantineLog
     from pipeline.ray_utils import RayTimeoutError, ensure_ray
-    from pipeline.trainer import stage_seed
+    from pipeline.trainer import stage_seed, summary_line
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -181,20 +181,6 @@ def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None,
     if log:
         log(summary_line(summary))
     return summary
-
-
-def summary_line(s: dict[str, Any]) -> str:
-    f, l = s.get("first", {}), s.get("last", {})
-
-    def arrow(k: str) -> str:
-        return f"{f.get(k, float('nan')):.3f}->{l.get(k, float('nan')):.3f}"
-
-    return (f"[{s['stage']}] {s.get('steps_done', 0)} steps in {s.get('stage_seconds', 0):.1f}s "
-            f"({s.get('rollouts_per_s', 0):.1f} rollouts/s) policy v{s.get('final_version', 0)} "
-            f"kept {arrow('sparsity/kept_ratio')} safe {arrow('dce/safe_frac')} reward {arrow('reward')} "
-            f"stale-dropped {s.get('dropped_stale', 0)} retries {s.get('retries', 0)} "
-            f"quarantined {sum((s.get('quarantined') or {}).values())}"
-            + (" (data exhausted)" if s.get("exhausted") else "") + f" -> {s.get('policy')}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -444,15 +444,28 @@ def weights_sha(policy: torch.nn.Module) -> str:
 
 
 def summary_line(s: Mapping[str, Any]) -> str:
-    f, l = s.get("first", {}), s.get("last", {})
+    """One line closing a stage, for the single-process trainer and the Ray stage job alike: the
+    common figures, then whichever extras the summary carries (versions, weights hash, drops)."""
+    f, l = s.get("first") or {}, s.get("last") or {}
 
     def arrow(k: str) -> str:
         return f"{f.get(k, float('nan')):.3f}->{l.get(k, float('nan')):.3f}"
 
-    return (f"[{s['stage']}] {s['steps_done']} steps in {s['seconds']:.1f}s ({s['rollouts_per_s']:.1f} rollouts/s)"
-            f" kept {arrow(KEPT)} safe {arrow(SAFE_FRAC)} reward {arrow(REWARD)}"
-            f" keep_prob {arrow(KEEP_PROB)} weights {s['start_sha']}->{s['final_sha']}"
-            + (" (data exhausted)" if s.get("exhausted") else ""))
+    seconds = s.get("stage_seconds", s.get("seconds", 0.0))
+    parts = [f"[{s['stage']}] {s.get('steps_done', 0)} steps in {seconds:.1f}s ({s.get('rollouts_per_s', 0.0):.1f} rollouts/s)"]
+    if "final_version" in s:
+        parts.append(f"policy v{s['final_version']}")
+    parts.append(f"kept {arrow(KEPT)} safe {arrow(SAFE_FRAC)} reward {arrow(REWARD)} keep_prob {arrow(KEEP_PROB)}")
+    if "start_sha" in s:
+        parts.append(f"weights {s['start_sha']}->{s['final_sha']}")
+    if "dropped_stale" in s or "retries" in s:
+        parts.append(f"stale-dropped {s.get('dropped_stale', 0)} retries {s.get('retries', 0)} "
+                     f"quarantined {sum((s.get('quarantined') or {}).values())}")
+    if s.get("exhausted"):
+        parts.append("(data exhausted)")
+    if s.get("policy"):
+        parts.append(f"-> {s['policy']}")
+    return " ".join(parts)
 
 
 def train_stage(
