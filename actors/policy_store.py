@@ -52,6 +52,9 @@ class PolicyStore:
         self._state: dict[str, np.ndarray] | None = None
         self._published_at: dict[int, float] = {}
         self._attempts: dict[str, int] = {}
+        self._in_flight: dict[str, str] = {}
+        self._done = 0
+        self._actors: set[str] = set()
         self._retries = 0
 
     # -------------------------------------------------------------- weights
@@ -81,19 +84,31 @@ class PolicyStore:
         return self._published_at.get(int(version))
 
     # -------------------------------------------------------------- rollout batch bookkeeping
-    def begin_batch(self, key: str) -> int:
-        """Record that a rollout batch started; returns its attempt number (1 = first try)."""
+    def begin_batch(self, key: str, actor: str = "") -> int:
+        """Record that a rollout batch started on ``actor``; returns its attempt number (1 = first try)."""
         n = self._attempts.get(key, 0) + 1
         self._attempts[key] = n
+        self._in_flight[key] = actor
+        self._actors.add(actor)
         if n > 1:
             self._retries += 1
         return n
+
+    def end_batch(self, key: str) -> None:
+        self._in_flight.pop(key, None)
+        self._done += 1
+
+    def in_flight(self) -> dict[str, str]:
+        """``{batch key: actor}`` of rollout batches begun and not finished (a dead actor's stay
+        here until its batch is retried and finishes)."""
+        return dict(self._in_flight)
 
     def retries(self) -> int:
         return self._retries
 
     def stats(self) -> dict[str, Any]:
-        return {"version": self._version, "batches": len(self._attempts), "retries": self._retries}
+        return {"version": self._version, "batches": len(self._attempts), "retries": self._retries,
+                "finished": self._done, "in_flight": len(self._in_flight), "actors": len(self._actors)}
 
 
 def get_store(name: str, timeout_s: float = 60.0) -> Any:

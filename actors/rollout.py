@@ -12,7 +12,8 @@ here). Each actor loads the frozen MLLM once (``load_mllm(cfg.mllm)``), and for 
    and is counted as a retry);
 3. runs :func:`pipeline.trainer.rollout` on each group of equal-length samples and yields the
    rollout records columnar (``RolloutBatch.to_records`` layout) plus ``rollout_s`` (seconds the
-   group's rollout took), ``attempt`` and ``actor`` (which replica made it).
+   group's rollout took), ``attempt``, ``actor`` (which replica made it) and ``epoch`` (the data
+   epoch the sample came from: the learner's consumed-sample ledger is kept per epoch).
 
 Masks are drawn from a CPU generator seeded by ``(stage seed, sample ids, policy version)``, so a
 retried batch with the same version draws the same masks.
@@ -30,7 +31,7 @@ import numpy as np
 from pipeline.config import Config
 
 # extra columns next to the RolloutBatch.to_records layout
-EXTRA_COLUMNS = ("rollout_s", "attempt", "actor")
+EXTRA_COLUMNS = ("rollout_s", "attempt", "actor", "epoch")
 
 
 def records_to_columns(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -126,7 +127,8 @@ class RolloutWorker:
             return
         ids = [str(s["sample_id"]) for s in samples]
         version = self.sync_policy()
-        attempt = int(ray.get(self._store().begin_batch.remote(batch_key(ids)), timeout=self.cfg.run.call_timeout_s))
+        key = batch_key(ids)
+        attempt = int(ray.get(self._store().begin_batch.remote(key, self.actor), timeout=self.cfg.run.call_timeout_s))
         groups: dict[tuple, list] = {}
         for s in samples:
             groups.setdefault(tuple(np.shape(s["frames"])), []).append(s)
@@ -137,10 +139,11 @@ class RolloutWorker:
             rb = rollout(self.adapter, self.policy, group, self.stage_cfg, gen, version, seed=self.seed)
             dt = time.perf_counter() - t0
             recs = rb.to_records()
-            for r in recs:
-                r.update(rollout_s=dt, attempt=attempt, actor=self.actor)
+            for s, r in zip(group, recs):  # same order as the group
+                r.update(rollout_s=dt, attempt=attempt, actor=self.actor, epoch=int(s.get("epoch", 0)))
             self.batches += 1
             yield records_to_columns(recs)
+        self._store().end_batch.remote(key)  # fire and forget: bookkeeping only
 
 
 def rollout_dataset(samples_ds: Any, cfg: Config, stage: str, store: str, seed: int,
@@ -155,6 +158,8 @@ def rollout_dataset(samples_ds: Any, cfg: Config, stage: str, store: str, seed: 
         RolloutWorker,
         fn_constructor_kwargs=dict(cfg=cfg.model_dump(), stage=stage, store=store, seed=int(seed),
                                    init_policy_dir=init_policy_dir),
+        # (Ray Data's pool actors default to max_restarts=-1, max_task_retries=-1: a replica that
+        # dies is restarted and the batch it was working on runs again - tested by killing one)
         compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
         batch_size=getattr(cfg.stage, stage).batch_size,
         batch_format="numpy",

@@ -20,6 +20,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 
 from pipeline.baselines import SELECTORS
+from pipeline.data.world import heldout_videos
 from pipeline.config import ConfigError, WorldConfig, add_config_args, load_config
 from pipeline.evaluation import evaluate_qa, load_eval_videos
 from pipeline.mllm.reference import cached_build, pretrain
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not world_json.is_file():
             raise ConfigError(f"--world {args.world}: no world.json (generate it with jobs/make_world.py)")
         wcfg = WorldConfig.model_validate_json(world_json.read_text())
-    except (ConfigError, ValueError) as e:
+        heldout_videos(args.world)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     rcfg = cfg.reference
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.config import MLLMConfig
 
     def held_out(adapter):
-        return load_eval_videos(adapter, str(Path(args.world) / "videos"), rcfg.eval_videos, wcfg.frames, wcfg.size)
+        return load_eval_videos(adapter, str(heldout_videos(args.world)), rcfg.eval_videos, wcfg.frames, wcfg.size)
 
     t0 = time.perf_counter()
     summary = None if args.force else cached_build(args.out, rcfg, wcfg)

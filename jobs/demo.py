@@ -4,8 +4,8 @@
    one pass of both Ray Data streams over it (samples per kind, quarantined with reasons, clips/s);
 2. score-tiny, the reference MLLM, into ``mllm.path`` (cached by spec hash; ~15 min the first time);
 3. the two-stage curriculum as Ray jobs (``jobs/train_curriculum.py``) on a local Ray head;
-4. the evaluation of the trained compressor against every baseline (``jobs/evaluate.py``),
-   whose table ends the output.
+4. (the curriculum's last Ray job) the evaluation of the trained compressor against every
+   baseline (``jobs/evaluate.py``), whose table ends the output.
 
 Each step is its own process, exactly as a user would run it; the commands are printed.
 """
@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> dict:
     if ref["qa_accuracy"] < cfg.reference.min_qa_accuracy:
         print(f"[demo] WARNING: score-tiny held-out QA accuracy {ref['qa_accuracy']:.3f} is below the "
               f"{cfg.reference.min_qa_accuracy} bar; results below are on an under-trained reference model")
+    # the curriculum's last job evaluates the final policy against every baseline
     cur = json.loads(run([py, str(JOBS / "train_curriculum.py"), *cfg_args]))
     eval_dir = storage.join(cur["run_dir"], "eval")
-    ev = json.loads(run([py, str(JOBS / "evaluate.py"), "--mllm", cfg.mllm.path, "--compressor", cur["final_policy"],
-                         "--world", str(world), "--out", eval_dir, "--limit", str(cfg.reference.eval_videos)]))
+    ev = cur["evaluation"]
     table = Path(eval_dir) / "results.md"
     if table.is_file():
         print(table.read_text())

@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.baselines import SelectionContext, budget
+from pipeline.data.world import heldout_videos
 from pipeline.config import ConfigError, MLLMConfig, WorldConfig
 from pipeline.data import readers
 from pipeline.data.prompts import CAPTION_PROMPT, qa_prompt
@@ -107,7 +109,7 @@ def pseudo_video_sample(world: Path, frames: int, size: int, segments: int = 4) 
 
 def world_video_sample(world: Path, frames: int, size: int) -> tuple[np.ndarray, dict, dict] | str:
     """``(frames, qa, annotation ctx)`` of the first annotated world video, or a reason."""
-    for ann in readers.list_video_annotations(str(world / "videos")):
+    for ann in readers.list_video_annotations(str(heldout_videos(world))):
         for rec in readers.read_video_index(ann):
             if isinstance(rec, Exception):
                 continue
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not (world / "world.json").is_file():
             raise ConfigError(f"--world {args.world}: no world.json (generate it with jobs/make_world.py)")
         wcfg = WorldConfig.model_validate_json((world / "world.json").read_text())
+        heldout_videos(world)
         if args.limit < 1:
             raise ConfigError("--limit must be >= 1")
         names = None if not args.methods else [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -158,11 +161,16 @@ def main(argv: list[str] | None = None) -> dict:
                 raise ConfigError("--methods score needs --compressor")
         if not 0 < args.overlay_retention <= 1:
             raise ConfigError("--overlay-retention must be in (0, 1]")
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     frames = args.frames or wcfg.frames
-    out = Path(args.out)
+    from pipeline import storage
+
+    # an s3:// --out is written locally first and uploaded at the end
+    out = Path(tempfile.mkdtemp(prefix="score-eval-")) if storage.is_s3(args.out) else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.compressor:
+        args.compressor = str(storage.localize(args.compressor, tempfile.mkdtemp(prefix="score-compressor-")))
 
     from pipeline.mllm.loader import load_mllm
 
@@ -177,9 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
     mpf = args.min_per_frame if args.min_per_frame is not None else (policy.cfg.min_per_frame if policy is not None else 0)
     selectors = method_selectors(adapter, policy, names, fastv_layer=args.fastv_layer, min_per_frame=mpf)
 
-    videos = load_eval_videos(adapter, str(world / "videos"), args.limit, frames, wcfg.size)
+    videos = load_eval_videos(adapter, str(heldout_videos(world)), args.limit, frames, wcfg.size)
     if not videos:
-        raise SystemExit(f"error: no annotated videos under {world / 'videos'}")
+        raise SystemExit(f"error: no annotated videos under {heldout_videos(world)}")
     print(f"evaluating {list(selectors)} at {retentions} on {len(videos)} videos ({frames} frames)", flush=True)
     res = run_evaluation(adapter, videos, selectors, retentions, policy=policy, seed=args.seed,
                          timing_videos=args.timing_videos, timing_repeats=args.timing_repeats,
@@ -258,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
         base = [m for m in selectors if m not in ("score", "oracle")]
         summary["score_ahead_of_baselines"] = {
             str(r): all(acc["score"][str(r)] > acc[m][str(r)] for m in base) for r in retentions}
+    if storage.is_s3(args.out):
+        storage.upload_dir(out, args.out)
+        summary["out"] = args.out
     print(json.dumps(summary), flush=True)
     return summary
 

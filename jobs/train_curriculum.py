@@ -38,7 +38,8 @@ try:
 except ImportError:
     pass
 
-from pipeline.config import Config, add_config_args, config_from_args
+from pipeline.config import Config, add_config_args
+from train_stage import add_run_args, config_with_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("pseudo_video", "real_video")
@@ -69,6 +70,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """(In the child, Linux) SIGTERM when the curriculum driver dies, even by kill -9: the head
+    and the stage job it runs stop with it, so a re-run never races an orphaned job."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class LocalHead:
     """A local Ray head WITH the dashboard/job server, owned by this process: ``ray start --head
     --block`` as a child process on free ports (the dashboard agent's default port 52365 may be
@@ -92,7 +105,8 @@ class LocalHead:
             cmd.append(f"--num-cpus={num_cpus}")
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # this process's job client sends the token
         self.log = open(Path(self.tmp) / "ray-start.log", "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ),
+                                     preexec_fn=_die_with_parent)
         self.address = f"127.0.0.1:{port}"
         self.url = f"http://127.0.0.1:{dash}"
 
@@ -148,7 +162,7 @@ def _wait_job_server(client_factory: Callable[[], Any], timeout_s: float) -> Any
 
 
 def stage_entrypoint(cfg_path: str | None, overrides: list[str], stage: str, run: str, storage: str,
-                     init_policy: str | None) -> str:
+                     init_policy: str | None, resume: str | None = None) -> str:
     parts = [sys.executable, str(ROOT / "jobs" / "train_stage.py"), "--stage", stage, "--run", run, "--storage", storage]
     if cfg_path:
         parts += ["--config", cfg_path]
@@ -156,6 +170,8 @@ def stage_entrypoint(cfg_path: str | None, overrides: list[str], stage: str, run
         parts += ["--set", o]
     if init_policy:
         parts += ["--init-policy", init_policy]
+    if resume:
+        parts += ["--resume", resume]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -212,8 +228,15 @@ def _status(client: Any, sid: str) -> str | None:
 
 
 def run_curriculum(cfg: Config, cfg_path: str | None, overrides: list[str], client: Any,
-                   log: Callable[[str], Any] = print) -> dict[str, Any]:
+                   log: Callable[[str], Any] = print, resume: str | None = None,
+                   evaluate: bool = True) -> dict[str, Any]:
+    """Both stages (see module doc). ``resume``: a checkpoint directory; its stage gets
+    ``--resume`` (earlier stages must have finished), later stages start as usual. Without it each
+    stage job resumes from its own newest complete checkpoint by itself."""
     from pipeline import storage
+    from pipeline.checkpoint import verify
+
+    resume_stage = verify(resume.rstrip("/"), cfg.data.s3).state.get("stage") if resume else None
 
     run = cfg.run.name
     root = cfg.run.storage if storage.is_s3(cfg.run.storage) else str(Path(cfg.run.storage).resolve())
@@ -236,7 +259,8 @@ def run_curriculum(cfg: Config, cfg_path: str | None, overrides: list[str], clie
         else:
             skipped = st == "SUCCEEDED"
             log(f"[curriculum] {stage}: job {sid} " + ("already SUCCEEDED, skipping" if skipped else "submitted"))
-            entry = stage_entrypoint(cfg_path, overrides, stage, run, root, init_policy)
+            entry = stage_entrypoint(cfg_path, overrides, stage, run, root, init_policy,
+                                     resume if stage == resume_stage else None)
             status, logs = run_job(client, sid, entry, env, cfg.run.job_timeout_s,
                                    log=(lambda s: None) if skipped else log)
             if status != "SUCCEEDED":
@@ -250,15 +274,66 @@ def run_curriculum(cfg: Config, cfg_path: str | None, overrides: list[str], clie
     src = init_policy
     for name in ("config.json", "model.safetensors"):
         storage.write_bytes(storage.join(final, name), storage.read_bytes(storage.join(src, name), cfg.data.s3), cfg.data.s3)
+    evaluation = run_evaluation_job(cfg, client, run_dir, final, env, log) if evaluate else None
     return {
         "run": run, "run_dir": run_dir,
         "final_policy": final.rstrip("/") + "/",
         "tensorboard": stage_tensorboard_root(cfg, run_dir),
         "stage_dirs": {s: storage.join(run_dir, s) for s in STAGES},
         "eval_results": storage.join(run_dir, "eval", "results.json"),
+        "evaluation": evaluation,
         "stages": {s: {k: v for k, v in d.items() if k not in ("first", "last")} |
                    {"first": _pick(d.get("first")), "last": _pick(d.get("last"))} for s, d in stages.items()},
     }
+
+
+def eval_world(cfg: Config) -> Path | None:
+    """The world directory whose held-out videos the evaluation uses: the folder above
+    ``data.video_shards`` when it holds a ``world.json`` (a world made by jobs/make_world.py)."""
+    from pipeline import storage
+
+    if storage.is_s3(cfg.data.video_shards):
+        return None
+    root = Path(cfg.data.video_shards).resolve().parent
+    return root if (root / "world.json").is_file() else None
+
+
+def run_evaluation_job(cfg: Config, client: Any, run_dir: str, final_policy: str, env: dict[str, str],
+                       log: Callable[[str], Any] = print) -> dict[str, Any] | None:
+    """``jobs/evaluate.py`` on the final policy as the run's last Ray job (``<run>-eval``), writing
+    ``<run dir>/eval/``; returns its JSON summary (None, said in the log, when there is no world to
+    evaluate on). A re-run with the results already in storage reads them instead."""
+    from pipeline import storage
+
+    world = eval_world(cfg)
+    if world is None:
+        log(f"[curriculum] eval: no world.json next to data.video_shards={cfg.data.video_shards!r}; "
+            "evaluate with jobs/evaluate.py --world DIR")
+        return None
+    out = storage.join(run_dir, "eval")
+    try:
+        done = json.loads(storage.read_bytes(storage.join(out, "summary.json"), cfg.data.s3))
+        if done.get("compressor") == final_policy:
+            log(f"[curriculum] eval: results already in {out}, skipping")
+            return done
+    except Exception:  # noqa: BLE001  (not there yet)
+        pass
+    parts = [sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--mllm", cfg.mllm.path, "--compressor", final_policy,
+             "--world", str(world), "--out", out, "--limit", str(cfg.reference.eval_videos)]
+    base, n = f"{cfg.run.name}-eval", 0
+    sid = base
+    while _status(client, sid) in ("FAILED", "STOPPED", "SUCCEEDED"):
+        n += 1
+        sid = f"{base}-r{n}"
+    log(f"[curriculum] eval: job {sid} submitted")
+    status, logs = run_job(client, sid, " ".join(shlex.quote(p) for p in parts), env, cfg.run.job_timeout_s, log=log)
+    if status != "SUCCEEDED":
+        tail = "\n".join(logs.strip().splitlines()[-20:])
+        raise RuntimeError(f"evaluation (job {sid}) ended {status}; last log lines:\n{tail}")
+    summary = _last_json(logs) | {"compressor": final_policy, "job": sid}
+    storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, sort_keys=True, default=float).encode(),
+                        cfg.data.s3)
+    return summary
 
 
 def finished_stage(cfg: Config, run_dir: str, stage: str) -> dict[str, Any] | None:
@@ -293,14 +368,17 @@ def _pick(m: dict | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_args(p)
-    p.add_argument("--run", default=None)
-    p.add_argument("--storage", default=None)
+    add_run_args(p)
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation job")
     args = p.parse_args(argv)
-    if args.run:
-        args.overrides.append(f"run.name={args.run}")
-    if args.storage:
-        args.overrides.append(f"run.storage={args.storage}")
-    cfg = config_from_args(args)  # validated before any Ray work
+    cfg = config_with_run_args(args)  # validated (and --fresh applied) before any Ray work
+    if args.resume:
+        from pipeline.checkpoint import CheckpointError, verify
+
+        try:
+            verify(args.resume.rstrip("/"), cfg.data.s3)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
     cfg_path = str(Path(args.config).resolve()) if args.config else None
     overrides = [o for o in args.overrides if not o.startswith(("run.name=", "run.storage="))]
 
@@ -314,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = _wait_job_server(lambda: JobSubmissionClient(url), cfg.run.call_timeout_s)
         t0 = time.perf_counter()
-        summary = run_curriculum(cfg, cfg_path, overrides, client)
+        summary = run_curriculum(cfg, cfg_path, overrides, client, resume=args.resume, evaluate=not args.no_eval)
         summary["seconds"] = round(time.perf_counter() - t0, 1)
     finally:
         if ray.is_initialized():

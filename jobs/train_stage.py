@@ -90,28 +90,50 @@ def _epoch_size(cfg: Config, stage: str) -> int:
     return n
 
 
-def samples_dataset(cfg: Config, stage: str, quarantine: Any) -> tuple[Any, int]:
+def samples_dataset(cfg: Config, stage: str, quarantine: Any, skip: dict[int, list[str]] | None = None
+                    ) -> tuple[Any, int]:
     """The stage's sample stream, repeated for enough epochs to feed ``steps * batch_size``
     samples (epoch ``e`` of stage 1 regroups images with seed ``run.seed + e``, like the
-    single-process trainer). Returns ``(dataset, epochs)``."""
+    single-process trainer), each row tagged with its ``epoch``; ``skip[e]`` are the sample ids
+    of epoch ``e`` a resumed stage already consumed. Returns ``(dataset, epochs)``."""
     from pipeline.data import stream
 
     scfg = getattr(cfg.stage, stage)
+    skip = skip or {}
     per_epoch = max(1, _epoch_size(cfg, stage))
     epochs = max(1, math.ceil(scfg.steps * scfg.batch_size / per_epoch))
     parts = []
     for e in range(epochs):
         if stage == "pseudo_video":
-            parts.append(stream.pseudo_video_dataset(cfg, int(cfg.run.seed) + e, quarantine=quarantine))
+            ds = stream.pseudo_video_dataset(cfg, int(cfg.run.seed) + e, skip_ids=skip.get(e, ()), quarantine=quarantine)
         else:
-            parts.append(stream.video_dataset(cfg, quarantine=quarantine))
+            ds = stream.video_dataset(cfg, skip_ids=skip.get(e, ()), quarantine=quarantine)
+        parts.append(stream.with_epoch(ds, e))
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     return ds, epochs
 
 
-def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None,
+def find_checkpoint(cfg: Config, stage: str, resume: str | None = None,
+                    log: Callable[[str], Any] | None = print) -> Any:
+    """The checkpoint a stage resumes from: ``resume`` (a checkpoint directory, verified; an error
+    names it when it is incomplete or corrupted) or else the newest complete one under
+    ``<stage dir>/checkpoints`` (damaged ones are reported and skipped), or None."""
+    from pipeline import checkpoint as ck
+
+    if resume:
+        ref = ck.verify(resume.rstrip("/"), cfg.data.s3)
+        if ref.state.get("stage") != stage:
+            raise ck.CheckpointError(f"checkpoint {resume} belongs to stage {ref.state.get('stage')!r}, not {stage!r}")
+        return ref
+    from pipeline import storage
+
+    return ck.resolve(storage.join(stage_paths(cfg, stage)["stage"], "checkpoints"), cfg.data.s3, warn=log)
+
+
+def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None, resume: str | None = None,
               log: Callable[[str], Any] | None = print) -> dict[str, Any]:
-    """Run one stage on the connected (or a fresh local) Ray cluster; returns the stage summary."""
+    """Run one stage on the connected (or a fresh local) Ray cluster; returns the stage summary.
+    Resumes from ``resume`` or, when not given, from the stage's newest complete checkpoint."""
     import ray
 
     from actors.learner import make_trainer
@@ -124,6 +146,7 @@ def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None,
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    ref = find_checkpoint(cfg, stage, resume, log)  # before any Ray work: a bad --resume fails fast
     for k, v in DEFAULT_ENV.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.learner.health_check_interval_s))
@@ -142,11 +165,23 @@ def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None,
 
         ray.get(store.publish.remote(0, ScorePolicy.from_pretrained(init_policy).state_dict()),
                 timeout=cfg.run.call_timeout_s)
+    skip: dict[int, list[str]] = {}
+    if ref is not None:
+        from actors.learner import load_checkpoint_policy, consumed_by_epoch
+
+        ledger = json.loads(storage.read_bytes(storage.join(ref.path, "ledger.json"), cfg.data.s3))
+        skip = consumed_by_epoch(ledger)
+        version = int(ref.state["version"])
+        ray.get(store.publish.remote(version, load_checkpoint_policy(ref.path, cfg).state_dict()), timeout=cfg.run.call_timeout_s)
+        if log:
+            log(f"[{stage}] resuming from {ref.path}: step {ref.step + 1}, policy v{version}, "
+                f"{sum(map(len, skip.values()))} samples already consumed")
     quarantine = QuarantineLog()
-    samples, epochs = samples_dataset(cfg, stage, quarantine)
+    samples, epochs = samples_dataset(cfg, stage, quarantine, skip)
     rollouts = rollout_dataset(samples, cfg, stage, name, seed, init_policy_dir=init_policy)
     trainer = make_trainer(cfg, stage, rollouts, store=name, stage_dir=paths["stage"],
-                           tensorboard=paths["tensorboard"], init_policy=init_policy, quarantine=quarantine)
+                           tensorboard=paths["tensorboard"], init_policy=init_policy, quarantine=quarantine,
+                           resume={"path": ref.path, "step": ref.step, "state": ref.state} if ref else None)
     scfg = getattr(cfg.stage, stage)
     if log:
         log(f"[{stage}] run {cfg.run.name}: {scfg.steps} steps x {scfg.batch_size} samples x G={scfg.group_size}; "
@@ -183,23 +218,57 @@ def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None,
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_args(p)
-    p.add_argument("--stage", required=True, choices=STAGES)
-    p.add_argument("--init-policy", default=None, help="policy directory (save_pretrained layout) to start from")
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Run-layout and resume flags shared by this script and jobs/train_curriculum.py."""
     p.add_argument("--run", default=None, help="run name (default: run.name)")
     p.add_argument("--storage", default=None, help="storage root, local or s3:// (default: run.storage)")
-    args = p.parse_args(argv)
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="resume from this checkpoint directory (default: the newest complete one of the run)")
+    p.add_argument("--fresh", action="store_true", help="start the run over; refuses if it exists unless --force")
+    p.add_argument("--force", action="store_true", help="with --fresh: delete the existing run first")
+
+
+def config_with_run_args(args: argparse.Namespace) -> Config:
+    """The config (``--run``/``--storage`` folded in); applies ``--fresh``/``--force``. Exits 1 with
+    one line on a bad config, a refused ``--fresh`` or ``--resume`` together with ``--fresh``."""
     if args.run:
         args.overrides.append(f"run.name={args.run}")
     if args.storage:
         args.overrides.append(f"run.storage={args.storage}")
     cfg = config_from_args(args)
+    if args.force and not args.fresh:
+        sys.exit("error: --force only goes with --fresh")
+    if args.fresh:
+        if args.resume:
+            sys.exit("error: --fresh and --resume exclude each other")
+        from pipeline import storage
+        from pipeline.checkpoint import fresh_run
+
+        try:
+            if fresh_run(storage.join(cfg.run.storage, cfg.run.name), args.force, cfg.data.s3):
+                print(f"--fresh --force: deleted run {cfg.run.name} under {cfg.run.storage}")
+        except FileExistsError as e:
+            sys.exit(f"error: {e}")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_args(p)
+    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--init-policy", default=None, help="policy directory (save_pretrained layout) to start from")
+    add_run_args(p)
+    args = p.parse_args(argv)
+    cfg = config_with_run_args(args)
     import ray
 
+    from pipeline.checkpoint import CheckpointError
+
     try:
-        summary = run_stage(cfg, args.stage, init_policy=args.init_policy)
+        summary = run_stage(cfg, args.stage, init_policy=args.init_policy, resume=args.resume)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -33,7 +33,8 @@ class WorldConfig(_Strict):
 
     seed: int = 0
     images: int = Field(256, ge=0, description="image-caption pairs (stage-1 material)")
-    videos: int = Field(128, ge=0, description="videos with caption and QA (stage-2 material)")
+    videos: int = Field(128, ge=0, description="videos with caption and QA (stage-2 material, train split)")
+    heldout_videos: int = Field(200, ge=0, description="evaluation videos (eval split, heldout/videos/; never trained on)")
     size: int = Field(64, ge=16, le=1024, description="frame height = width in pixels (even)")
     frames: int = Field(16, ge=2, le=256, description="frames per video")
     fps: int = Field(8, ge=1, le=120)
@@ -189,6 +190,21 @@ class LearnerConfig(_Strict):
     log_every: int = Field(1, ge=1, description="TensorBoard scalars every N learner steps")
 
 
+class CheckpointConfig(_Strict):
+    """Stage checkpoints (pipeline/checkpoint.py): cadence, retention, upload retries."""
+
+    every: int = Field(10, ge=0, description="learner steps between checkpoints (0: none; the stage's end always saves)")
+    keep_last: int = Field(2, ge=1, description="committed checkpoints kept, newest first")
+    keep_best: int = Field(1, ge=0, description="plus this many best by best_metric")
+    best_metric: str = Field("objective/safe_sparsity", description="a learner metric (mean over the steps since the last checkpoint)")
+    best_mode: Literal["max", "min"] = "max"
+    async_upload: bool = Field(True, description="upload in a background thread (the learner only stalls to stage files locally)")
+    upload_attempts: int = Field(6, ge=1, description="tries per file before a checkpoint is given up (logged, training goes on)")
+    upload_backoff_s: float = Field(0.5, gt=0, description="first retry delay; doubles each retry")
+    upload_max_backoff_s: float = Field(8.0, gt=0)
+    commit_timeout_s: float = Field(300.0, gt=0, description="rank 0 waits this long for the other ranks' parts before giving up a commit")
+
+
 class RunConfig(_Strict):
     name: str = Field("score-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: str = "runs"
@@ -208,6 +224,7 @@ class Config(_Strict):
     stage: StagesConfig = StagesConfig()
     rollout: RolloutConfig = RolloutConfig()
     learner: LearnerConfig = LearnerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
 
 # ---------------------------------------------------------------------------------------------

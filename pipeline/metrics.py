@@ -79,12 +79,13 @@ class MetricsWriter:
     Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, logdir: str | Path, flush_secs: int = 10):
+    def __init__(self, logdir: str | Path, flush_secs: int = 10, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self._w = SummaryWriter(log_dir=str(self.logdir), flush_secs=flush_secs)
+        # purge_step: a resumed run hides the events a crashed run wrote from that step on
+        self._w = SummaryWriter(log_dir=str(self.logdir), flush_secs=flush_secs, purge_step=purge_step)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         for k, v in scalars(metrics).items():

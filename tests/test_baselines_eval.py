@@ -159,7 +159,7 @@ def assets(tmp_path_factory):
     from pipeline.policy import ScorePolicy
 
     root = tmp_path_factory.mktemp("e2e")
-    wcfg = WorldConfig(images=8, videos=6, frames=4, size=32, grid=2, object_size=0.25, jitter=0, max_objects=2)
+    wcfg = WorldConfig(images=8, videos=2, heldout_videos=6, frames=4, size=32, grid=2, object_size=0.25, jitter=0, max_objects=2)
     generate_world(wcfg, root / "world", progress=False)
     tok = build_tokenizer()
     rcfg = ReferenceConfig(hidden=32, layers=2, heads=2, vision_hidden=16, patch=8)

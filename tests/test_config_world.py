@@ -62,7 +62,7 @@ def test_job_rejects_bad_config_before_work(tmp_path):
 
 
 def test_world_is_deterministic_and_readable(tmp_path):
-    args = ["--images", "20", "--videos", "6", "--seed", "3", "--frames", "8", "--quiet"]
+    args = ["--images", "20", "--videos", "6", "--seed", "3", "--frames", "8", "--heldout-videos", "4", "--quiet"]
     for name in ("a", "b"):
         subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(tmp_path / name), *args], check=True)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
@@ -75,6 +75,10 @@ def test_world_is_deterministic_and_readable(tmp_path):
     anns = [json.loads(line) for line in (tmp_path / "a/videos/annotations-00000.jsonl").read_text().splitlines()]
     assert len(anns) == 6 and all((tmp_path / "a/videos" / a["video"]).stat().st_size > 0 for a in anns)
     assert all(a["frames"] == 8 and len(o["boxes"]) == 8 for a in anns for o in a["objects"])
+    # the held-out evaluation videos come from another split than the training videos
+    held = [json.loads(line) for line in (tmp_path / "a/heldout/videos/annotations-00000.jsonl").read_text().splitlines()]
+    assert len(held) == 4 and {a["id"] for a in held}.isdisjoint(a["id"] for a in anns)
+    assert [a["caption"] for a in held] != [a["caption"] for a in anns[:4]]
     # a different seed gives a different world
     subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(tmp_path / "c"), *args[:4], "--seed", "4", "--frames", "8", "--quiet"], check=True)
     assert (tmp_path / "c/videos/annotations-00000.jsonl").read_bytes() != (tmp_path / "a/videos/annotations-00000.jsonl").read_bytes()

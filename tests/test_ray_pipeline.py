@@ -32,7 +32,7 @@ def assets(tmp_path_factory):
     from pipeline.data.world import generate_world
 
     root = tmp_path_factory.mktemp("raypipe")
-    generate_world(WorldConfig(images=16, videos=8, frames=4, size=32, grid=2, object_size=0.25, jitter=0,
+    generate_world(WorldConfig(images=16, videos=8, heldout_videos=4, frames=4, size=32, grid=2, object_size=0.25, jitter=0,
                                max_objects=2), root / "world", progress=False)
     model, tok = build_tiny_mllm("llava_onevision")
     model.save_pretrained(root / "mllm")
@@ -180,8 +180,135 @@ def test_curriculum_as_ray_jobs(assets):
         assert st[stage]["steps_done"] == STEPS and st[stage]["final_version"] == STEPS
         assert "reward" in _scalars(run_dir / "tensorboard" / stage)
     assert "| [pseudo_video] 3 steps" in p.stdout  # the stage job's log was streamed
+    ev = summary["evaluation"]  # the last job evaluated the final policy on the held-out videos
+    assert ev["job"] == "cur-eval" and ev["videos"] == 4 and 0.0 <= ev["full_accuracy"] <= 1.0
+    assert set(ev["accuracy"]["score"]) == {"0.05", "0.1", "0.25"}
+    assert (run_dir / "eval" / "results.json").is_file() and (run_dir / "eval" / "accuracy_vs_retention.png").is_file()
 
     p2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200, cwd=ROOT)
     assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
     again = json.loads(p2.stdout.strip().splitlines()[-1])
     assert all(again["stages"][s]["skipped"] for s in ("pseudo_video", "real_video"))
+    assert again["evaluation"]["job"] == "cur-eval" and "eval: results already in" in p2.stdout
+
+
+# ------------------------------------------------------------------------------------- crash + resume
+def _expected_epoch_ids(cfg: Config, epochs: int) -> list[set[str]]:
+    """The sample ids of each data epoch of stage 1 (the single-process iterator regroups epoch
+    ``e`` exactly as the Ray stream does)."""
+    from pipeline.trainer import iter_pseudo_videos_local
+
+    per = len(list(iter_pseudo_videos_local(cfg.data, int(cfg.run.seed), epochs=1)))
+    ids = [s["sample_id"] for s in iter_pseudo_videos_local(cfg.data, int(cfg.run.seed), epochs=epochs)]
+    return [set(ids[e * per:(e + 1) * per]) for e in range(epochs)]
+
+
+def test_kill9_driver_mid_stage_then_rerun_resumes(assets):
+    """kill -9 the stage driver right after its first checkpoint commits; the same command again
+    resumes there: the stage finishes, steps are continuous (ledger and TensorBoard), every sample
+    of both data epochs was consumed exactly once; then --fresh refuses to overwrite the run and
+    --resume of a corrupted checkpoint fails with an error naming it."""
+    import signal
+    import time
+
+    steps = 8  # 8 x 2 samples = two epochs of the 8 pseudo-videos
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "jobs" / "train_stage.py"), "--config", str(assets / "cfg.yaml"),
+           "--stage", "pseudo_video", "--run", "crash", "--set", f"stage.pseudo_video.steps={steps}",
+           "--set", "checkpoint.every=2", "--set", "checkpoint.keep_best=0", "--set", "rollout.max_staleness=8"]
+    stage_dir = assets / "runs" / "crash" / "pseudo_video"
+    commit = stage_dir / "checkpoints" / "step-00000001" / "COMMIT"
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not commit.exists():
+            assert p.poll() is None, p.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 600 s"
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+    finally:
+        time.sleep(1.0)
+        try:  # the driver's Ray node processes die with it; sweep any agent left behind
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not (stage_dir / "learner_summary.json").exists()
+
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[pseudo_video] resuming from" in r.stdout
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["resumed_from"].endswith("/checkpoints/step-00000001") or s["resumed_from"].endswith("/step-00000003")
+    first = s["start_step"]
+    assert first >= 2 and s["steps_done"] == steps - first and s["steps_total"] == steps
+    assert s["final_version"] == steps and s["checkpoints"]["failures"] == 0
+
+    ledger = json.loads((stage_dir / "ledger.json").read_text())
+    assert [e["step"] for e in ledger] == list(range(steps))  # continuous, none twice
+    keys = [k for e in ledger for k in e["ids"] + e["dropped"]]
+    assert len(keys) == len(set(keys)) == steps * 2  # no sample used twice
+    cfg = _cfg(assets)
+    by_epoch = [{k.split(":", 1)[1] for k in keys if k.startswith(f"{e}:")} for e in range(2)]
+    assert by_epoch == _expected_epoch_ids(cfg, 2)  # ... or skipped
+
+    sc = _scalars(Path(s["tensorboard"]))  # the crashed run's later events are purged
+    assert sc["policy/version"] == [float(v) for v in range(1, steps + 1)]
+    assert sorted(int(x.name[5:]) for x in (stage_dir / "checkpoints").glob("step-*")) == [5, 7]  # keep_last 2
+
+    # --fresh never overwrites silently; --resume names a damaged checkpoint
+    r = subprocess.run(cmd + ["--fresh"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "already exists" in r.stderr and "--force" in r.stderr
+    bad = stage_dir / "checkpoints" / "step-00000007"
+    (bad / "state.json").write_text("{}")
+    r = subprocess.run(cmd + ["--resume", str(bad)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and f"checkpoint {bad} is corrupted: state.json" in r.stderr
+
+
+def test_rollout_actor_killed_mid_batch_is_restarted_and_retried(ray_cluster, assets, monkeypatch):
+    """SIGKILL the rollout actor while it is working on a batch (found through the PolicyStore's
+    in-flight registry, frozen with SIGSTOP to be sure): Ray Data restarts the replica, the batch
+    runs again (counted as a retry) and the stage completes every step."""
+    import signal
+    import threading
+    import time
+
+    import ray
+
+    from actors.policy_store import get_store, store_name
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    from train_stage import run_stage
+
+    steps = 6
+    cfg = _cfg(assets, "run.name=killactor", f"stage.pseudo_video.steps={steps}", "stage.pseudo_video.group_size=16")
+    killed: list[str] = []
+    done = threading.Event()
+
+    def killer() -> None:
+        store = get_store(store_name("killactor", "pseudo_video"), 300)
+        while not done.is_set() and not killed:
+            for key, pid in ray.get(store.in_flight.remote(), timeout=30).items():
+                os.kill(int(pid), signal.SIGSTOP)
+                time.sleep(0.1)  # any end_batch it sent before stopping has landed by now
+                if key in ray.get(store.in_flight.remote(), timeout=30):
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(pid)
+                    return
+                os.kill(int(pid), signal.SIGCONT)
+            time.sleep(0.002)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    try:
+        s = run_stage(cfg, "pseudo_video", log=None)
+    finally:
+        done.set()
+        th.join(30)
+    assert killed, "the rollout actor was never caught mid-batch"
+    assert s["steps_done"] == steps and s["final_version"] == steps
+    assert s["retries"] >= 1 and s["store"]["retries"] >= 1  # the killed batch ran again, counted
+    assert s["store"]["actors"] >= 2  # ... on a restarted replica

@@ -16,7 +16,7 @@ SMALL = ["--set", "reference.hidden=64", "--set", "reference.layers=2", "--set",
 
 def test_small_rebuild_learns_and_is_cached(tmp_path):
     world = tmp_path / "world"
-    subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(world), "--images", "0", "--videos", "40",
+    subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(world), "--images", "0", "--videos", "0", "--heldout-videos", "40",
                     "--size", "32", "--grid", "2", "--frames", "4", "--objects", "1-2", "--motion", "static",
                     "--set", "world.object_size=0.375", "--set", "world.jitter=0", "--quiet"], check=True)
     out = tmp_path / "model"

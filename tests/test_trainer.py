@@ -259,7 +259,7 @@ def test_learns_to_keep_the_tokens_that_matter():
 def test_train_curriculum_local_end_to_end(llava, tmp_path):
     from pipeline.data.world import generate_world
 
-    world = WorldConfig(images=8, videos=4, size=48, frames=4, shard_size=8, motion=["static", "linear"])
+    world = WorldConfig(images=8, videos=4, heldout_videos=0, size=48, frames=4, shard_size=8, motion=["static", "linear"])
     generate_world(world, tmp_path / "world", progress=False)
     cfg = Config.model_validate({
         "run": {"seed": 3},

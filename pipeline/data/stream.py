@@ -304,6 +304,17 @@ def video_dataset(cfg: Config | DataConfig, *, skip_ids: Iterable[str] = (),
     return _finish(ds, log, "video")
 
 
+def _tag_epoch(batch: dict[str, np.ndarray], *, epoch: int) -> dict[str, np.ndarray]:
+    n = len(next(iter(batch.values()))) if batch else 0
+    return {**batch, "epoch": np.full(n, int(epoch), dtype=np.int64)}
+
+
+def with_epoch(ds: ray.data.Dataset, epoch: int) -> ray.data.Dataset:
+    """``ds`` with an ``epoch`` column (int64): the learner's consumed-sample ledger is per epoch,
+    as sample ids repeat from one epoch to the next."""
+    return ds.map_batches(_tag_epoch, fn_kwargs={"epoch": int(epoch)}, batch_format="numpy", zero_copy_batch=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # summary
 

@@ -340,7 +340,10 @@ def make_image(cfg: WorldConfig, rng: np.random.Generator) -> dict[str, Any]:
 
 
 def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> dict[str, int]:
-    """Write ``out/images/shard-*.parquet`` and ``out/videos/{clips/*.mp4, annotations-*.jsonl}``."""
+    """Write the training material from the ``train`` split, ``out/images/shard-*.parquet`` and
+    ``out/videos/{clips/*.mp4, annotations-*.jsonl}``, and the evaluation set from the disjoint
+    ``eval`` split, ``out/heldout/videos/`` (``cfg.heldout_videos`` videos, never trained on: not
+    by score-tiny, which draws fresh ``train`` samples, nor by the policy, which reads ``videos/``)."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -348,17 +351,33 @@ def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> 
     for start in tqdm(range(0, cfg.images, cfg.shard_size), desc="image shards", disable=not progress):
         recs = []
         for i in range(start, min(start + cfg.shard_size, cfg.images)):
-            s = make_image(cfg, sample_rng(cfg.seed, "eval", "image", i))
-            recs.append({"id": f"img-{cfg.seed}-{i:06d}", **s})
+            s = make_image(cfg, sample_rng(cfg.seed, "train", "image", i))
+            recs.append({"id": f"img-train-{cfg.seed}-{i:06d}", **s})
         write_image_shard(out / "images" / f"shard-{n_img_shards:05d}.parquet", recs)
         n_img_shards += 1
-    n_vid_shards = 0
-    for start in tqdm(range(0, cfg.videos, cfg.shard_size), desc="video shards", disable=not progress):
-        recs = []
-        for i in range(start, min(start + cfg.shard_size, cfg.videos)):
-            s = make_video(cfg, sample_rng(cfg.seed, "eval", "video", i))
-            recs.append({"id": f"vid-{cfg.seed}-{i:06d}", **s})
-        write_video_shard(out / "videos", n_vid_shards, recs, fps=cfg.fps)
-        n_vid_shards += 1
+    shards = {}
+    for split, folder, count in (("train", out / "videos", cfg.videos), ("eval", out / HELDOUT, cfg.heldout_videos)):
+        n = 0
+        for start in tqdm(range(0, count, cfg.shard_size), desc=f"{split} video shards", disable=not progress):
+            recs = []
+            for i in range(start, min(start + cfg.shard_size, count)):
+                s = make_video(cfg, sample_rng(cfg.seed, split, "video", i))
+                recs.append({"id": f"vid-{split}-{cfg.seed}-{i:06d}", **s})
+            write_video_shard(folder, n, recs, fps=cfg.fps)
+            n += 1
+        shards[split] = n
     (out / "world.json").write_text(cfg.model_dump_json(indent=2) + "\n")
-    return {"images": cfg.images, "videos": cfg.videos, "image_shards": n_img_shards, "video_shards": n_vid_shards}
+    return {"images": cfg.images, "videos": cfg.videos, "heldout_videos": cfg.heldout_videos,
+            "image_shards": n_img_shards, "video_shards": shards["train"], "heldout_shards": shards["eval"]}
+
+
+HELDOUT = "heldout/videos"  # under a world directory: the evaluation videos (eval split)
+
+
+def heldout_videos(world: str | Path) -> Path:
+    """``<world>/heldout/videos``, or ``FileNotFoundError`` saying how to make it."""
+    p = Path(world) / HELDOUT
+    if not p.is_dir():
+        raise FileNotFoundError(f"{world} has no held-out videos ({HELDOUT}/): regenerate it with "
+                                f"python jobs/make_world.py --out {world}")
+    return p
