@@ -197,6 +197,20 @@ def _resume_engine(engine: Any, ref: Mapping[str, Any], cfg: Config) -> None:
         raise ck.CheckpointError(f"checkpoint {ref['path']}: DeepSpeed's model states disagree with policy/model.safetensors")
 
 
+def mask_image(record: Mapping[str, Any], sampled: Any, logits: Any, grid: tuple[int, int, int],
+               retention: float = 0.1) -> np.ndarray:
+    """TensorBoard image of one rollout record: its frames, one sampled Bernoulli mask, and the
+    policy's deterministic top-K at ``retention`` (what inference would keep)."""
+    from pipeline.plots import mask_strip
+    from pipeline.select import topk_keep
+
+    T, gh, gw = grid
+    top = np.zeros(T * gh * gw, dtype=bool)
+    top[topk_keep(logits, retention).numpy()] = True
+    return mask_strip(np.asarray(record["thumb"]), [np.asarray(sampled, bool).reshape(T, gh, gw),
+                                                    top.reshape(T, gh, gw)])
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker loop (see module doc). ``config``: ``cfg`` (Config dump), ``stage``,
     ``store`` (PolicyStore actor name), ``stage_dir``, ``tensorboard``, ``init_policy``,
@@ -211,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from actors.rollout import columns_to_records
     from pipeline import checkpoint as ck
     from pipeline import trainer as tr
-    from pipeline.metrics import MetricsWriter, mean_metrics, timed
+    from pipeline.metrics import MetricsWriter, ProgressLine, mean_metrics, timed
     from pipeline.policy import ScorePolicy
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -235,6 +249,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     writer = (MetricsWriter(config["tensorboard"], purge_step=start_step or None)
               if rank == 0 and config.get("tensorboard") else None)
     ckpts = _Checkpoints(cfg, storage.join(config["stage_dir"], "checkpoints"), rank, world)
+    progress = ProgressLine(stage, scfg.steps, start_step, cfg.learner.progress_every_s) if rank == 0 else None
 
     shard = ray.train.get_dataset_shard("rollouts")
     batches = iter(shard.iter_batches(batch_size=scfg.batch_size, batch_format="numpy",
@@ -340,6 +355,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if quarantine is not None:
                     m[QUARANTINED] = float(quarantine.total())
             history.append(m)
+            if writer is not None and cfg.learner.image_every and step % cfg.learner.image_every == 0 and "thumb" in use[0]:
+                T = int(rb.X.shape[1])
+                writer.image(f"masks/{stage}", mask_image(use[0], rb.unpacked_masks()[0, 0], rb.old_logits[0],
+                                                          (T, *rb.grid)), step)
+            if progress is not None and (line := progress.update(step, m, (tr.KEPT, tr.SAFE_FRAC, tr.REWARD))):
+                print(line, flush=True)
             if writer is not None and (due or step % cfg.learner.log_every == 0 or step == scfg.steps - 1):
                 writer.log(step, m)
                 if due:  # TensorBoard is durable up to every checkpoint (a resume purges what follows)

@@ -13,7 +13,9 @@ here). Each actor loads the frozen MLLM once (``load_mllm(cfg.mllm)``), and for 
 3. runs :func:`pipeline.trainer.rollout` on each group of equal-length samples and yields the
    rollout records columnar (``RolloutBatch.to_records`` layout) plus ``rollout_s`` (seconds the
    group's rollout took), ``attempt``, ``actor`` (which replica made it) and ``epoch`` (the data
-   epoch the sample came from: the learner's consumed-sample ledger is kept per epoch).
+   epoch the sample came from: the learner's consumed-sample ledger is kept per epoch), and, when
+   ``learner.image_every > 0``, ``thumb`` (uint8 ``[T, s, s, 3]`` frames of ``learner.image_size``
+   pixels for the learner's TensorBoard mask overlays).
 
 Masks are drawn from a CPU generator seeded by ``(stage seed, sample ids, policy version)``, so a
 retried batch with the same version draws the same masks.
@@ -83,6 +85,7 @@ class RolloutWorker:
         self.policy = None
         self.version = -1
         self.actor = f"{os.getpid()}"
+        self.thumb_size = self.cfg.learner.image_size if self.cfg.learner.image_every > 0 else 0
         self.batches = 0
 
     # ------------------------------------------------------------------ policy sync
@@ -120,6 +123,7 @@ class RolloutWorker:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         import ray
 
+        from pipeline.data.video import resize_rgb
         from pipeline.trainer import rollout, step_generator
 
         samples = columns_to_records(batch)
@@ -141,6 +145,8 @@ class RolloutWorker:
             recs = rb.to_records()
             for s, r in zip(group, recs):  # same order as the group
                 r.update(rollout_s=dt, attempt=attempt, actor=self.actor, epoch=int(s.get("epoch", 0)))
+                if self.thumb_size:  # small frames for the learner's mask-overlay images
+                    r["thumb"] = np.stack([resize_rgb(f, self.thumb_size) for f in np.asarray(s["frames"])])
             self.batches += 1
             yield records_to_columns(recs)
         self._store().end_batch.remote(key)  # fire and forget: bookkeeping only

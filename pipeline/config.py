@@ -188,6 +188,9 @@ class LearnerConfig(_Strict):
     fit_timeout_s: float = Field(3600.0, gt=0, description="wall-clock limit of one stage's TorchTrainer.fit")
     prefetch_batches: int = Field(1, ge=0, description="rollout batches the learner prefetches (bounds staleness)")
     log_every: int = Field(1, ge=1, description="TensorBoard scalars every N learner steps")
+    image_every: int = Field(10, ge=0, description="a mask-overlay image in TensorBoard every N learner steps (0: none)")
+    image_size: int = Field(48, ge=8, description="frame thumbnails the rollout records carry for those images (pixels)")
+    progress_every_s: float = Field(10.0, gt=0, description="a progress line with ETA at most this often")
 
 
 class CheckpointConfig(_Strict):

@@ -79,6 +79,25 @@ def masked_frame(frame: np.ndarray, kept: np.ndarray, dim: float = 0.22) -> np.n
     return out.clip(0, 255).astype(np.uint8)
 
 
+def mask_strip(frames: np.ndarray, masks: Sequence[np.ndarray], max_frames: int = 8, gap: int = 2) -> np.ndarray:
+    """One uint8 ``[H', W', 3]`` image for TensorBoard (no matplotlib): row 0 the frames, then one
+    row per mask with its dropped cells dimmed.
+
+    frames: uint8 ``[F, H, W, 3]``; masks: bool ``[T, gh, gw]`` each (T <= F token steps). At most
+    ``max_frames`` evenly spaced steps are shown."""
+    T = int(masks[0].shape[0]) if masks else len(frames)
+    src = frame_for_step(len(frames), T)
+    cols = sorted({round(i * (T - 1) / max(1, max_frames - 1)) for i in range(min(T, max_frames))})
+    rows = [[frames[src[t]] for t in cols]] + [[masked_frame(frames[src[t]], np.asarray(m[t], bool)) for t in cols]
+                                              for m in masks]
+    h, w = frames.shape[1:3]
+    out = np.full((len(rows) * (h + gap) - gap, len(cols) * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = img
+    return out
+
+
 def mask_overlay(frames: np.ndarray, keeps: Mapping[str, torch.Tensor | np.ndarray], grid: tuple[int, int, int],
                  path: str | Path, title: str | None = None, max_frames: int = 8) -> Path:
     """Paper-Figure-5-style panel: the frames in a row (top: original), then one row per method

@@ -153,15 +153,22 @@ def test_stage_end_to_end(ray_cluster, assets, monkeypatch):
                 "timing/rollout", "timing/learn", "timing/weight_sync"):
         assert tag in sc and len(sc[tag]) == STEPS, tag
     assert sc["policy/version"] == [1.0, 2.0, 3.0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(s["tensorboard"]), size_guidance={"images": 0})
+    acc.Reload()
+    img = acc.Images("masks/pseudo_video")[0]  # frames, a sampled mask, the top-10% keep (48 px thumbnails)
+    assert img.step == 0 and img.height == 3 * 48 + 2 * 2
     lags = sc["policy/version_lag"]
     assert all(0 <= lag <= cfg.rollout.max_staleness for lag in lags)  # records carry their versions
 
 
 # ------------------------------------------------------------------------------------- curriculum
-def test_curriculum_as_ray_jobs(assets):
+def test_curriculum_as_ray_jobs(assets, monkeypatch):
     """``python jobs/train_curriculum.py`` with no cluster: starts a local head with the job
-    server, runs both stages as Ray jobs (stage 2 from stage 1's policy), prints the JSON summary
-    last; a re-run (new head, no job history) skips both finished stages."""
+    server, runs both stages as Ray jobs (stage 2 from stage 1's policy) and the evaluation job,
+    prints the JSON summary last; a re-run through ``ray job submit`` against a separately started
+    head (no job history) skips both finished stages and the evaluation."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(ROOT / "jobs" / "train_curriculum.py"), "--config", str(assets / "cfg.yaml"),
@@ -180,14 +187,30 @@ def test_curriculum_as_ray_jobs(assets):
         assert st[stage]["steps_done"] == STEPS and st[stage]["final_version"] == STEPS
         assert "reward" in _scalars(run_dir / "tensorboard" / stage)
     assert "| [pseudo_video] 3 steps" in p.stdout  # the stage job's log was streamed
+    assert "[pseudo_video] step 3/3 (100%)" in p.stdout and "ETA" in p.stdout  # the learner's progress line
     ev = summary["evaluation"]  # the last job evaluated the final policy on the held-out videos
     assert ev["job"] == "cur-eval" and ev["videos"] == 4 and 0.0 <= ev["full_accuracy"] <= 1.0
     assert set(ev["accuracy"]["score"]) == {"0.05", "0.1", "0.25"}
     assert (run_dir / "eval" / "results.json").is_file() and (run_dir / "eval" / "accuracy_vs_retention.png").is_file()
 
-    p2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200, cwd=ROOT)
+    # the re-run goes the other documented way: `ray job submit` to a separately started head
+    # (a new cluster: no job history, so the finished stages are found in storage and skipped)
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    from ray.job_submission import JobSubmissionClient
+    from train_curriculum import LocalHead, _wait_job_server
+
+    head = LocalHead(timeout_s=120)
+    try:
+        _wait_job_server(lambda: JobSubmissionClient(head.url), 120)
+        submit = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", head.url,
+                  "--working-dir", str(ROOT), "--", sys.executable, "jobs/train_curriculum.py", *cmd[2:]]
+        env2 = dict(env, RAY_AUTH_MODE="token")
+        p2 = subprocess.run(submit, env=env2, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    finally:
+        head.stop()
     assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
-    again = json.loads(p2.stdout.strip().splitlines()[-1])
+    again = json.loads([ln for ln in p2.stdout.splitlines() if ln.startswith("{")][-1])
     assert all(again["stages"][s]["skipped"] for s in ("pseudo_video", "real_video"))
     assert again["evaluation"]["job"] == "cur-eval" and "eval: results already in" in p2.stdout
 

@@ -1,0 +1,303 @@
+"""Pure helpers of the benchmark job (``jobs/benchmark.py``): model shapes, cost arithmetic,
+padding-aware scoring, wait/idle fractions and markdown tables. No Ray here.
+
+* :data:`LM_SHAPES` - real widths of the language models of LLaVA-OneVision-0.5B (Qwen2-0.5B) and
+  LLaVA-OneVision-7B (Qwen2-7B); :func:`build_shaped_mllm` builds a LLaVA-OneVision-class model with
+  that LM (random weights, any depth, a small word-level vocabulary) and a zero-layer vision tower
+  whose 2x2-pooled grid has the real 14x14 = 196 tokens per frame, wrapped in the project's adapter,
+  so prefill goes through the same code as real checkpoints.
+* :func:`lm_params` - non-embedding parameters of such an LM at any depth (what
+  :func:`pipeline.evaluation.lm_dims` counts on a built model), for FLOPs at full depth.
+* :func:`prefill_rows` - measured speedup next to the FLOPs-ratio limit per retention.
+* :func:`score_packed` - padding-aware scoring: ``CE_full`` in its own batch (or from a cache) and the
+  masked rows sorted by length into buckets, each one ``adapter.score`` call; returns what
+  ``adapter.score`` over ``[full, masks]`` returns, without padding every row to the full length.
+* :func:`wait_fractions`, :func:`idle_fractions` - data-wait share of learner steps and idle share
+  of rollout actors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from pipeline.baselines import budget
+from pipeline.evaluation import prefill_flops
+
+
+# =============================================================================================
+# model shapes
+
+
+@dataclass(frozen=True)
+class LMShape:
+    name: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    layers: int  # full depth
+    note: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+LM_SHAPES: dict[str, LMShape] = {
+    "qwen2-0.5b": LMShape("qwen2-0.5b", 896, 14, 2, 4864, 24, "Qwen2-0.5B (the LM of LLaVA-OneVision-0.5B)"),
+    "qwen2-7b": LMShape("qwen2-7b", 3584, 28, 4, 18944, 28, "Qwen2-7B (the LM of LLaVA-OneVision-7B)"),
+}
+
+
+def lm_params(shape: LMShape, layers: int | None = None) -> int:
+    """Non-embedding parameters of a Qwen2 decoder of ``shape`` with ``layers`` layers (default: full
+    depth): q/k/v projections with bias, o without, gated MLP, two RMSNorms per layer, final norm."""
+    n = shape.layers if layers is None else int(layers)
+    h, kvd, i = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
+    per_layer = (h * h + h) + 2 * (h * kvd + kvd) + h * h + 3 * h * i + 2 * h
+    return n * per_layer + h
+
+
+def lm_dims_of(shape: LMShape, layers: int | None = None) -> dict:
+    """``{params, layers, hidden}`` as :func:`pipeline.evaluation.lm_dims` returns for a built model."""
+    n = shape.layers if layers is None else int(layers)
+    return {"params": lm_params(shape, n), "layers": n, "hidden": shape.hidden}
+
+
+def build_shaped_mllm(shape: LMShape, layers: int, tokenizer: Any, tokens_per_frame: int = 196,
+                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A LLaVA-OneVision-class adapter whose LM has ``shape``'s width/heads/MLP and ``layers`` layers
+    (random weights). The vision tower has no encoder layer (not timed here); its frames are sized so
+    that the 2x2-pooled grid has ``tokens_per_frame`` (a square) tokens. The vocabulary is the
+    tokenizer's (small): the embedding and LM head are not part of prefill FLOPs."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from pipeline.mllm.loader import adapter_for
+
+    side = math.isqrt(tokens_per_frame)
+    if side * side != tokens_per_frame:
+        raise ValueError(f"tokens_per_frame must be a square (grid side x side), got {tokens_per_frame}")
+    patch = 14
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 0,
+              "num_attention_heads": 1, "image_size": 2 * side * patch, "patch_size": patch, "vision_use_head": False}
+    text = {"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": shape.hidden,
+            "intermediate_size": shape.intermediate, "num_hidden_layers": int(layers),
+            "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
+            "max_position_embeddings": 32768, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text,
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )
+    cfg._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaOnevisionForConditionalGeneration(cfg)
+    model = model.to(device=device, dtype=dtype).eval()
+    return adapter_for(model, tokenizer)
+
+
+# =============================================================================================
+# cost arithmetic
+
+
+def prefill_rows(times: Mapping[float, float], dims: dict, full_len: int, tokens: int,
+                 full_layers: int | None = None) -> list[dict]:
+    """One row per retention: ``{retention, k, length, prefill_ms, speedup, flops_ratio, flops_limit,
+    efficiency}``. ``times[r]`` is the median prefill time (s) at retention ``r``; ``times[1.0]`` is
+    the full-token prefill. The FLOPs ratio does not depend on depth (both terms are linear in it)."""
+    if 1.0 not in times:
+        raise ValueError("prefill_rows needs the full-token time (retention 1.0)")
+    t_full = times[1.0]
+    f_full = prefill_flops(dims, full_len)
+    rows = []
+    for r in sorted(times, reverse=True):
+        k = budget(r, tokens)
+        length = full_len - (tokens - k)
+        ratio = prefill_flops(dims, length) / f_full
+        speed = t_full / times[r] if times[r] > 0 else float("nan")
+        rows.append({
+            "retention": r, "k": k, "length": length, "prefill_ms": round(1e3 * times[r], 3),
+            "speedup": round(speed, 3), "flops_ratio": round(ratio, 5), "flops_limit": round(1.0 / ratio, 3),
+            "efficiency": round(speed * ratio, 3),  # measured speedup / FLOPs limit
+        })
+    return rows
+
+
+def padding_stats(lengths: torch.Tensor) -> dict:
+    """``{rows, max_len, real_tokens, padded_tokens, waste}`` of one right-padded batch."""
+    lengths = lengths.detach().cpu().long()
+    rows, lmax = int(lengths.numel()), int(lengths.max())
+    real = int(lengths.sum())
+    return {"rows": rows, "max_len": lmax, "real_tokens": real, "padded_tokens": rows * lmax,
+            "waste": round(1.0 - real / max(rows * lmax, 1), 4)}
+
+
+# =============================================================================================
+# padding-aware scoring
+
+
+def length_buckets(kept: Sequence[int], max_tokens: int | None = None, max_rows: int | None = None) -> list[list[int]]:
+    """Row indices sorted by ``kept`` (ascending) cut into consecutive buckets so that a bucket's
+    padded size ``rows * max(kept)`` stays within ``max_tokens`` and its row count within
+    ``max_rows`` (each bucket has at least one row). ``None``: no limit."""
+    order = sorted(range(len(kept)), key=lambda i: (kept[i], i))
+    buckets: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur:
+            padded = (len(cur) + 1) * kept[i]  # kept[i] is the bucket's new max (ascending order)
+            if (max_tokens is not None and padded > max_tokens) or (max_rows is not None and len(cur) >= max_rows):
+                buckets.append(cur)
+                cur = []
+        cur.append(i)
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def score_packed(adapter: Any, X: torch.Tensor, masks: torch.Tensor, prompts: list[str], targets: list[str], *,
+                 ce_full: torch.Tensor | None = None, max_tokens: int | None = None,
+                 max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Padding-aware version of the rollout's single ``adapter.score(X, [all-ones, masks])`` call.
+
+    ``X[B,T',N,D]``, ``masks[B,G,M]`` bool -> ``(ce_full[B], ce[B,G], stats)`` (float32, CPU), the
+    same values (up to float round-off) as ``adapter.score`` on ``keep = [ones, masks]``:
+
+    * ``CE_full``: taken from ``ce_full`` when given (a per-sample cache: it does not depend on the
+      policy), else one batch of B full rows;
+    * masked rows: sorted by kept-token count and cut into buckets (:func:`length_buckets`, budget in
+      visual tokens incl. padding), each bucket one ``adapter.score`` call with ``G=1`` rows, so no
+      row is padded to the full length.
+
+    ``stats``: ``{calls, padded_visual_tokens, real_visual_tokens}``.
+    """
+    B, G, M = masks.shape
+    calls = 0
+    if ce_full is None:
+        full = torch.ones(B, 1, M, dtype=torch.bool)
+        ce_full = adapter.score(X, full.to(X.device), prompts, targets).float().cpu()[:, 0]
+        calls += 1
+    flat = masks.reshape(B * G, M)
+    kept = flat.sum(1).tolist()
+    out = torch.empty(B * G, dtype=torch.float32)
+    padded = 0
+    for rows in length_buckets(kept, max_tokens, max_rows):
+        idx = torch.tensor(rows, dtype=torch.long)
+        sample = idx // G
+        ce = adapter.score(X[sample.to(X.device)], flat[idx].unsqueeze(1).to(X.device),
+                           [prompts[int(s)] for s in sample], [targets[int(s)] for s in sample])
+        out[idx] = ce.float().cpu()[:, 0]
+        padded += len(rows) * max(kept[i] for i in rows)
+        calls += 1
+    stats = {"calls": calls, "padded_visual_tokens": padded, "real_visual_tokens": int(sum(kept))}
+    return ce_full.float().cpu(), out.view(B, G), stats
+
+
+# =============================================================================================
+# waits and idle time
+
+
+def wait_fractions(data_s: Sequence[float], step_wall_s: Sequence[float], skip_first: int = 1) -> dict:
+    """Learner-side data wait: ``{all, steady}`` = sum of per-step data waits / sum of step wall
+    times, over all steps and without the first ``skip_first`` (pipeline start-up: actors loading
+    the model, the first rollout batch)."""
+    def frac(d: Sequence[float], w: Sequence[float]) -> float | None:
+        tot = float(sum(w))
+        return round(float(sum(d)) / tot, 4) if tot > 0 else None
+
+    return {"all": frac(data_s, step_wall_s), "steady": frac(data_s[skip_first:], step_wall_s[skip_first:])}
+
+
+def idle_fractions(calls: Iterable[tuple[str, float, float]], skip_first: int = 1) -> dict:
+    """Rollout-actor idle share from ``(actor, t_enter, t_exit)`` of every batch call: per actor, the
+    gaps between consecutive calls (waiting for input, or for the consumer to take the output) over
+    the span from its ``skip_first``-th call on. Returns ``{mean, per_actor: {actor: frac}, calls}``."""
+    by: dict[str, list[tuple[float, float]]] = {}
+    for a, t0, t1 in calls:
+        by.setdefault(str(a), []).append((float(t0), float(t1)))
+    per: dict[str, float] = {}
+    for a, iv in by.items():
+        iv.sort()
+        iv = iv[skip_first:] if len(iv) > skip_first + 1 else iv
+        if len(iv) < 2:
+            continue
+        span = iv[-1][1] - iv[0][0]
+        busy = sum(t1 - t0 for t0, t1 in iv)
+        per[a] = round(max(0.0, 1.0 - busy / span), 4) if span > 0 else 0.0
+    mean = round(sum(per.values()) / len(per), 4) if per else None
+    return {"mean": mean, "per_actor": per, "calls": sum(len(v) for v in by.values())}
+
+
+def interleaved_times(fns: Mapping[str, Any], repeats: int = 3, warmup: int = 1, budget_s: float | None = None,
+                      sync: Any = None, clock: Any = None) -> dict[str, float]:
+    """Median time (s) of each ``fns[name]()``, measured round-robin (one call of each per round, in
+    a seeded shuffled order) so that a change of machine load hits every variant alike. ``clock``: ``time.perf_counter`` (wall,
+    the default) or ``time.process_time`` (this process's CPU time: on a shared CPU with one torch
+    thread it is not inflated by other processes). ``warmup`` rounds are not timed; rounds stop
+    early once ``budget_s`` wall seconds were spent timing (at least one round)."""
+    import time
+
+    import numpy as np
+
+    sync = sync or (lambda: None)
+    clock = clock or time.perf_counter
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+        sync()
+    import random
+
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(0)
+    t_start = time.perf_counter()
+    for i in range(max(1, repeats)):
+        rng.shuffle(order)  # no variant always runs first (or right after the same one)
+        for k in order:
+            fn = fns[k]
+            t0 = clock()
+            fn()
+            sync()
+            times[k].append(clock() - t0)
+        if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            break
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+# =============================================================================================
+# formatting
+
+
+def fmt(v: Any, spec: str = ".3g") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return format(v, spec)
+    return str(v)
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |")
+    return "\n".join(lines)
+
+
+def finite_positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+__all__ = [
+    "LMShape", "LM_SHAPES", "lm_params", "lm_dims_of", "build_shaped_mllm", "prefill_rows", "padding_stats",
+    "length_buckets", "score_packed", "wait_fractions", "idle_fractions", "interleaved_times", "md_table", "fmt",
+    "finite_positive",
+]
