@@ -11,6 +11,13 @@ video captions and QA, with variable frame counts (short clips first: an easy-to
 mild random token dropout on half the samples, as real MLLMs see many resolutions and frame
 counts. It never sees a selector's or the policy's masks. Training runs through the adapter's
 own masked path (``target_ce``), the one that later scores rollouts.
+
+Levers (``ReferenceConfig``; measurements in EXPERIMENTS.md): every target ends with ``<eos>``
+(``target_eos``) so greedy answers stop after the answer word; QA samples draw the question
+type uniformly (``balance_types``: direction and order are otherwise ~10% of the QA); the
+auxiliary per-token colour/shape heads can be the LM's own word embeddings (``aux_tied``);
+half the clips go through a 4:2:0 chroma round trip (``codec_aug``), the main loss of the H.264
+shards the held-out videos come from; optional multi-turn QA per video (``qa_per_sample``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 
 from pipeline.config import ReferenceConfig, WorldConfig
 from pipeline.data.prompts import CAPTION_PROMPT, VIDEO, qa_prompt
-from pipeline.data.world import COLORS, SHAPES, VOCAB, make_video, sample_rng, token_labels
+from pipeline.data.world import COLORS, QUESTION_TYPES, SHAPES, VOCAB, make_video, sample_rng, token_labels
 from pipeline.mllm.base import MLLMAdapter
 from pipeline.mllm.llava_onevision import video_features
 from pipeline.mllm.loader import adapter_for
@@ -78,7 +85,7 @@ def build_model(rcfg: ReferenceConfig, wcfg: WorldConfig, tokenizer) -> torch.nn
 def spec_hash(rcfg: ReferenceConfig, wcfg: WorldConfig) -> str:
     """Cache key: everything that changes the built model."""
     blob = json.dumps({"reference": rcfg.model_dump(exclude={"eval_videos", "eval_every", "min_qa_accuracy"}),
-                       "world": wcfg.model_dump(), "version": 1}, sort_keys=True)
+                       "world": wcfg.model_dump(), "version": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -90,6 +97,40 @@ def frames_schedule(step: int, steps: int, max_frames: int) -> list[int]:
     if frac < 0.4:
         return sorted({2, 4, max_frames // 2, max_frames})
     return sorted({4, max_frames // 2, 3 * max_frames // 4, max_frames, max_frames, max_frames})
+
+
+def _possible(qtype: str, motions: list[str]) -> bool:
+    """Whether a world with these motion kinds can ask a question of this type."""
+    need = {"color": None, "shape": None, "direction": {"linear"}, "change": {"color_change"}, "order": {"appear"}}[qtype]
+    if qtype in ("color", "shape"):
+        return any(m != "color_change" for m in motions)
+    return bool(need & set(motions))
+
+
+def chroma_420(frames: np.ndarray) -> np.ndarray:
+    """uint8 [T,H,W,3] through a BT.601 YCbCr 4:2:0 round trip (chroma averaged over 2x2 pixels),
+    the main loss of the H.264 (yuv420p) shards the held-out videos are read from."""
+    f = frames.astype(np.float32)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * b
+    T, H, W = y.shape
+
+    def sub(c: np.ndarray) -> np.ndarray:
+        c = c[:, : H - H % 2, : W - W % 2].reshape(T, H // 2, 2, W // 2, 2).mean(axis=(2, 4))
+        up = np.repeat(np.repeat(c, 2, axis=1), 2, axis=2)
+        out = np.empty_like(y)
+        out[:, : up.shape[1], : up.shape[2]] = up
+        if H % 2:
+            out[:, -1] = out[:, -2]
+        if W % 2:
+            out[:, :, -1] = out[:, :, -2]
+        return out
+
+    cb, cr = sub(cb), sub(cr)
+    rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
 
 class Pretrainer:
@@ -106,10 +147,46 @@ class Pretrainer:
         # Real MLLMs start from a pre-trained vision tower; this gives ours the same head start.
         d = model.config.text_config.hidden_size
         self.aux = torch.nn.ModuleDict({"color": torch.nn.Linear(d, len(COLORS)), "shape": torch.nn.Linear(d, len(SHAPES))})
-        params = list(model.parameters()) + list(self.aux.parameters())
+        # aux_tied: the heads are the LM's own (tied) embeddings of the colour and shape words, so a
+        # visual token is pulled towards the words that describe it (as in a CLIP-aligned tower).
+        self.aux_words = {"color": tokenizer.convert_tokens_to_ids(list(COLORS)),
+                          "shape": tokenizer.convert_tokens_to_ids(list(SHAPES))}
+        self.aux_bg = torch.nn.Linear(d, 1)  # aux_background: one "no object here" logit for both heads
+        params = list(model.parameters()) + ([] if rcfg.aux_tied else list(self.aux.parameters()))
+        params += list(self.aux_bg.parameters()) if rcfg.aux_background else []
         self.opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=0.01)
         self.rng = np.random.default_rng([rcfg.seed, 7])
+        self.eos = tokenizer.eos_token
         self.step_idx = 0
+        self.sample_idx = 0
+
+    def _aux_loss(self, X: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = torch.zeros(())
+        for name in self.aux:
+            if self.rcfg.aux_tied:
+                logits = X @ self.model.get_input_embeddings().weight[self.aux_words[name]].t()
+            else:
+                logits = self.aux[name](X)
+            y = labels[name]
+            if self.rcfg.aux_background:  # background tokens are a class of their own
+                logits = torch.cat([logits, self.aux_bg(X)], dim=-1)
+                y = torch.where(y < 0, logits.shape[-1] - 1, y)
+            loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 2), y.flatten(), ignore_index=-1)
+        return loss
+
+    def _draw(self, world: WorldConfig, t: int, want: str | None) -> tuple[dict, dict | None]:
+        """A fresh training video of ``t`` frames and one of its questions (``None``: caption).
+        ``want``: a question type to draw (fresh videos until one has it, bounded tries)."""
+        for attempt in range(32):
+            v = make_video(world, sample_rng(self.wcfg.seed, "train", "video", self.sample_idx), frames=t)
+            self.sample_idx += 1
+            if want is None:
+                return v, None
+            pool = [q for q in v["qa"] if q["type"] == want]
+            if pool or attempt == 31:
+                pool = pool or v["qa"]
+                return v, (pool[self.rng.integers(len(pool))] if pool else None)
+        raise AssertionError("unreachable")
 
     def _lr(self) -> float:
         s, r = self.step_idx, self.rcfg
@@ -125,22 +202,38 @@ class Pretrainer:
         n = self.adapter.visual_grid(t)[1] * self.adapter.visual_grid(t)[2]
         bs = int(min(r.max_batch, max(4, r.tokens_per_batch // (t * n + 24))))
         # Short clips cannot hold an appear/disappear window or a colour change in the middle.
-        world = w if t >= 4 else w.model_copy(update={"motion": [m for m in w.motion if m in ("static", "linear", "bounce")] or ["static"]})
-        pixels, prompts, targets, colors, shapes = [], [], [], [], []
+        # A single frame cannot show motion (a "moves left" object would not move): static only.
+        short = ("static",) if t < 2 else ("static", "linear", "bounce")
+        world = w if t >= 4 else w.model_copy(update={"motion": [m for m in w.motion if m in short] or ["static"]})
+        types = sorted({q for q in QUESTION_TYPES if _possible(q, world.motion)})
+        pixels, prompts, targets, colors, shapes, is_qa = [], [], [], [], [], []
         grid = self.adapter.visual_grid(t)[1:]
+        end = f" {self.eos}" if r.target_eos else ""
         for i in range(bs):
-            v = make_video(world, sample_rng(w.seed, "train", "video", self.step_idx * 1024 + i), frames=t)
-            pixels.append(self.adapter.preprocess(v["frames"]))
+            caption = self.rng.random() < r.caption_fraction
+            want = None if caption else (types[self.rng.integers(len(types))] if r.balance_types else "")
+            if want == "":  # unbalanced: a random question of a random video
+                v, _ = self._draw(world, t, None)
+                q = v["qa"][self.rng.integers(len(v["qa"]))] if v["qa"] else None
+            else:
+                v, q = self._draw(world, t, want)
+            pixels.append(self.adapter.preprocess(chroma_420(v["frames"]) if self.rng.random() < r.codec_aug else v["frames"]))
             c, sh = token_labels(v["objects"], t, w.size, grid)
             colors.append(torch.from_numpy(c))
             shapes.append(torch.from_numpy(sh))
-            if self.rng.random() < r.caption_fraction or not v["qa"]:
+            if q is None:
                 prompts.append(CAPTION_PROMPT)
-                targets.append(v["caption"])
+                targets.append(v["caption"] + end)
             else:
-                q = v["qa"][self.rng.integers(len(v["qa"]))]
                 prompts.append(qa_prompt(q["question"]))
-                targets.append(q["answer"])
+                # qa_per_sample > 1: more questions on the same video as further turns, each
+                # answer ending its turn with <eos> (only answers and <eos> carry loss).
+                more = [o for o in v["qa"] if o is not q]
+                more = [more[j] for j in self.rng.permutation(len(more))[: r.qa_per_sample - 1]]
+                turns = [q["answer"] + end] + [f"{qa_prompt(o['question']).replace(VIDEO, '').strip()} {o['answer']}{end}" for o in more]
+                targets.append(" ".join(turns))
+            is_qa.append(q is not None)
+        self.last_is_qa = torch.tensor(is_qa)
         keep = torch.ones(bs, 1, t * n, dtype=torch.bool)
         for b in range(bs):
             if r.token_dropout > 0 and self.rng.random() < 0.5:
@@ -148,6 +241,25 @@ class Pretrainer:
                 drop[self.rng.integers(t * n)] = False  # never an empty video
                 keep[b, 0] = ~drop
         return torch.stack(pixels), keep, prompts, targets, {"color": torch.stack(colors), "shape": torch.stack(shapes)}
+
+    def _answer_ce(self, X: torch.Tensor, keep: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+        """Per-sample mean NLL over the answer tokens (the word after ``answer :``, and ``<eos>``)
+        of multi-turn QA targets; caption targets count every token. Same masked path as
+        :meth:`MLLMAdapter.target_ce`."""
+        ad, tok = self.adapter, self.adapter.tokenizer
+        batch = ad._masked_batch(X, keep, prompts, targets)
+        hidden = ad._lm(batch).last_hidden_state
+        ids = batch.input_ids
+        pred = batch.target_mask[:, 1:]
+        labels = ids[:, 1:]
+        prev1 = ids[:, :-1]
+        prev2 = torch.cat([torch.full_like(ids[:, :1], -1), ids[:, :-2]], dim=1)
+        answer = ((prev1 == tok.convert_tokens_to_ids(":")) & (prev2 == tok.convert_tokens_to_ids("answer"))) | (labels == tok.eos_token_id)
+        w = torch.where(self.last_is_qa.unsqueeze(1), answer.float(), torch.ones_like(answer, dtype=torch.float))[pred]
+        rows = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(pred)[pred]
+        nll = torch.nn.functional.cross_entropy(ad.lm_head(hidden[:, :-1][pred]).float(), labels[pred], reduction="none")
+        sums = torch.zeros(ids.shape[0]).index_add(0, rows, nll * w)
+        return sums / torch.zeros(ids.shape[0]).index_add(0, rows, w).clamp(min=1e-6)
 
     def step(self) -> dict:
         t0 = time.perf_counter()
@@ -158,16 +270,18 @@ class Pretrainer:
         feats = video_features(self.model, pixels)[:, :-1]  # drop the image_newline (an always-kept extra)
         B, T = pixels.shape[:2]
         X = feats.reshape(B, T, -1, feats.shape[-1])
-        lm_loss = self.adapter.target_ce(X, keep, prompts, targets).mean()
-        aux_loss = sum(torch.nn.functional.cross_entropy(head(X).flatten(0, 2), labels[k].flatten(), ignore_index=-1)
-                       for k, head in self.aux.items()) if self.rcfg.aux_weight > 0 else torch.zeros(())
+        ce = self._answer_ce(X, keep, prompts, targets) if self.rcfg.qa_per_sample > 1 else \
+            self.adapter.target_ce(X, keep, prompts, targets)[:, 0]
+        wts = torch.where(self.last_is_qa, self.rcfg.qa_weight, 1.0)
+        lm_loss = (ce * wts).sum() / wts.sum()
+        aux_loss = self._aux_loss(X, labels) if self.rcfg.aux_weight > 0 else torch.zeros(())
         loss = lm_loss + self.rcfg.aux_weight * aux_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
         self.opt.step()
         self.step_idx += 1
-        return {"loss": float(lm_loss), "aux_loss": float(aux_loss), "frames": T, "batch": B, "lr": self._lr(),
+        return {"loss": float(lm_loss.detach()), "aux_loss": float(aux_loss.detach()), "frames": T, "batch": B, "lr": self._lr(),
                 "time_data": t_data, "time_step": time.perf_counter() - t0}
 
 
