@@ -926,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
                 assets = make_assets(work, s)
             cfg = base_config(assets, s, work)
             with section_timer(res, "ray_start"):
-                ensure_ray(None, num_cpus=os.cpu_count(), include_dashboard=False,
+                ensure_ray(None, num_cpus=os.cpu_count(), include_dashboard=True,
                            object_store_memory=768 * 1024**2, log_to_driver=False)
             ray_started = True
             ctx = ray.data.DataContext.get_current()

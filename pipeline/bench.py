@@ -143,61 +143,8 @@ def padding_stats(lengths: torch.Tensor) -> dict:
 # padding-aware scoring
 
 
-def length_buckets(kept: Sequence[int], max_tokens: int | None = None, max_rows: int | None = None) -> list[list[int]]:
-    """Row indices sorted by ``kept`` (ascending) cut into consecutive buckets so that a bucket's
-    padded size ``rows * max(kept)`` stays within ``max_tokens`` and its row count within
-    ``max_rows`` (each bucket has at least one row). ``None``: no limit."""
-    order = sorted(range(len(kept)), key=lambda i: (kept[i], i))
-    buckets: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        if cur:
-            padded = (len(cur) + 1) * kept[i]  # kept[i] is the bucket's new max (ascending order)
-            if (max_tokens is not None and padded > max_tokens) or (max_rows is not None and len(cur) >= max_rows):
-                buckets.append(cur)
-                cur = []
-        cur.append(i)
-    if cur:
-        buckets.append(cur)
-    return buckets
-
-
-def score_packed(adapter: Any, X: torch.Tensor, masks: torch.Tensor, prompts: list[str], targets: list[str], *,
-                 ce_full: torch.Tensor | None = None, max_tokens: int | None = None,
-                 max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Padding-aware version of the rollout's single ``adapter.score(X, [all-ones, masks])`` call.
-
-    ``X[B,T',N,D]``, ``masks[B,G,M]`` bool -> ``(ce_full[B], ce[B,G], stats)`` (float32, CPU), the
-    same values (up to float round-off) as ``adapter.score`` on ``keep = [ones, masks]``:
-
-    * ``CE_full``: taken from ``ce_full`` when given (a per-sample cache: it does not depend on the
-      policy), else one batch of B full rows;
-    * masked rows: sorted by kept-token count and cut into buckets (:func:`length_buckets`, budget in
-      visual tokens incl. padding), each bucket one ``adapter.score`` call with ``G=1`` rows, so no
-      row is padded to the full length.
-
-    ``stats``: ``{calls, padded_visual_tokens, real_visual_tokens}``.
-    """
-    B, G, M = masks.shape
-    calls = 0
-    if ce_full is None:
-        full = torch.ones(B, 1, M, dtype=torch.bool)
-        ce_full = adapter.score(X, full.to(X.device), prompts, targets).float().cpu()[:, 0]
-        calls += 1
-    flat = masks.reshape(B * G, M)
-    kept = flat.sum(1).tolist()
-    out = torch.empty(B * G, dtype=torch.float32)
-    padded = 0
-    for rows in length_buckets(kept, max_tokens, max_rows):
-        idx = torch.tensor(rows, dtype=torch.long)
-        sample = idx // G
-        ce = adapter.score(X[sample.to(X.device)], flat[idx].unsqueeze(1).to(X.device),
-                           [prompts[int(s)] for s in sample], [targets[int(s)] for s in sample])
-        out[idx] = ce.float().cpu()[:, 0]
-        padded += len(rows) * max(kept[i] for i in rows)
-        calls += 1
-    stats = {"calls": calls, "padded_visual_tokens": padded, "real_visual_tokens": int(sum(kept))}
-    return ce_full.float().cpu(), out.view(B, G), stats
+# the library's scoring (pipeline.trainer), re-exported for the benchmark job
+from pipeline.trainer import length_buckets, score_packed  # noqa: E402,F401
 
 
 # =============================================================================================

@@ -159,7 +159,7 @@ class StageConfig(_Strict):
     warmup: int = Field(0, ge=0, description="linear learning-rate warmup steps (then constant lr)")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clip before each optimizer step")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    score_batch: int = Field(0, ge=0, description="samples per adapter.score call in a rollout (0 = all in one)")
+    score_max_tokens: int = Field(0, ge=0, description="padded visual tokens per adapter.score call when scoring rollouts (0: no limit; bounds activation memory)")
 
 
 class StagesConfig(_Strict):

@@ -29,6 +29,14 @@ class RayTimeoutError(TimeoutError):
     """A Ray operation did not finish within its deadline."""
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def ensure_ray(
     address: str | None = None,
     *,
@@ -55,6 +63,11 @@ def ensure_ray(
     kwargs.setdefault("log_to_driver", True)
     if target == "local":
         kwargs.update(num_cpus=num_cpus, include_dashboard=include_dashboard)
+        if include_dashboard and "dashboard_port" not in kwargs:
+            # a free port, never the default 8265: Ray Train's placement-group cleaner asks the
+            # state API whether its controller lives, and a second local cluster's dashboard on
+            # 8265 answers "unknown actor", which removes a healthy run's placement group
+            kwargs["dashboard_port"] = _free_port()
         if object_store_memory is not None:
             kwargs["object_store_memory"] = object_store_memory
     elif num_cpus is not None or object_store_memory is not None:

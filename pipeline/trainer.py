@@ -6,9 +6,9 @@ Built from small pieces that the Ray roles reuse (DESIGN.md sections 1-2):
   video -> one QA pair ``(qa_prompt(question), answer)`` chosen by ``crc32(f"{seed}:{sample_id}")``
   among its QA pairs, or its caption when it has none.
 * **rollout** (rollout actors) - :func:`rollout`: encode (optionally cached by sample id), policy
-  logits without grad, G Bernoulli masks per sample from a CPU ``torch.Generator``, and ONE
-  ``adapter.score`` call over ``B x (G+1)`` masks (mask 0 keeps everything: ``CE_full``), then
-  ``dCE`` and ``rho``. Returns a :class:`RolloutBatch`; :meth:`RolloutBatch.to_records` /
+  logits without grad, G Bernoulli masks per sample from a CPU ``torch.Generator``, padding-aware
+  scoring (:func:`score_packed`: ``CE_full`` from the cache or its own batch, the ``B x G`` masked
+  rows sorted by length and padded only to their bucket's longest), then ``dCE`` and ``rho``. Returns a :class:`RolloutBatch`; :meth:`RolloutBatch.to_records` /
   :meth:`RolloutBatch.from_records` convert to and from per-sample rollout records.
 * **learn** (DeepSpeed learner) - :func:`advantages` + :func:`surrogate` (pure: split advantage,
   clipped surrogate + entropy bonus) and :func:`learn` (``ppo_epochs`` passes of backward, grad
@@ -241,16 +241,61 @@ def encode_sample(adapter: Any, sample: Mapping[str, Any], cache: dict[str, Tens
     return X
 
 
-def score_masks(adapter: Any, X: Tensor, keep: Tensor, prompts: list[str], targets: list[str], chunk: int = 0) -> Tensor:
-    """``adapter.score`` over ``keep[B, K, M]`` in one call (or ``chunk`` samples per call) -> ``[B, K]``
-    float32 on CPU."""
-    B = X.shape[0]
-    step = B if chunk <= 0 else chunk
-    parts = []
-    for s in range(0, B, step):
-        e = min(B, s + step)
-        parts.append(adapter.score(X[s:e], keep[s:e].to(X.device), prompts[s:e], targets[s:e]).float().cpu())
-    return torch.cat(parts, 0)
+def length_buckets(kept: Sequence[int], max_tokens: int | None = None, max_rows: int | None = None) -> list[list[int]]:
+    """Row indices sorted by ``kept`` (ascending) cut into consecutive buckets so that a bucket's
+    padded size ``rows * max(kept)`` stays within ``max_tokens`` and its row count within
+    ``max_rows`` (each bucket has at least one row). ``None``: no limit."""
+    order = sorted(range(len(kept)), key=lambda i: (kept[i], i))
+    buckets: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur:
+            padded = (len(cur) + 1) * kept[i]  # kept[i] is the bucket's new max (ascending order)
+            if (max_tokens is not None and padded > max_tokens) or (max_rows is not None and len(cur) >= max_rows):
+                buckets.append(cur)
+                cur = []
+        cur.append(i)
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def score_packed(adapter: Any, X: Tensor, masks: Tensor, prompts: list[str], targets: list[str], *,
+                 ce_full: Tensor | None = None, max_tokens: int | None = None,
+                 max_rows: int | None = None) -> tuple[Tensor, Tensor, dict]:
+    """Padding-aware version of the rollout's single ``adapter.score(X, [all-ones, masks])`` call.
+
+    ``X[B,T',N,D]``, ``masks[B,G,M]`` bool -> ``(ce_full[B], ce[B,G], stats)`` (float32, CPU), the
+    same values (up to float round-off) as ``adapter.score`` on ``keep = [ones, masks]``:
+
+    * ``CE_full``: taken from ``ce_full`` when given (a per-sample cache: it does not depend on the
+      policy), else one batch of B full rows;
+    * masked rows: sorted by kept-token count and cut into buckets (:func:`length_buckets`, budget in
+      visual tokens incl. padding), each bucket one ``adapter.score`` call with ``G=1`` rows, so no
+      row is padded to the full length.
+
+    ``stats``: ``{calls, padded_visual_tokens, real_visual_tokens}``.
+    """
+    B, G, M = masks.shape
+    calls = 0
+    if ce_full is None:
+        full = torch.ones(B, 1, M, dtype=torch.bool)
+        ce_full = adapter.score(X, full.to(X.device), prompts, targets).float().cpu()[:, 0]
+        calls += 1
+    flat = masks.reshape(B * G, M)
+    kept = flat.sum(1).tolist()
+    out = torch.empty(B * G, dtype=torch.float32)
+    padded = 0
+    for rows in length_buckets(kept, max_tokens, max_rows):
+        idx = torch.tensor(rows, dtype=torch.long)
+        sample = idx // G
+        ce = adapter.score(X[sample.to(X.device)], flat[idx].unsqueeze(1).to(X.device),
+                           [prompts[int(s)] for s in sample], [targets[int(s)] for s in sample])
+        out[idx] = ce.float().cpu()[:, 0]
+        padded += len(rows) * max(kept[i] for i in rows)
+        calls += 1
+    stats = {"calls": calls, "padded_visual_tokens": padded, "real_visual_tokens": int(sum(kept))}
+    return ce_full.float().cpu(), out.view(B, G), stats
 
 
 @torch.no_grad()
@@ -263,10 +308,12 @@ def rollout(
     policy_version: int = 0,
     *,
     seed: int = 0,
-    cache: dict[str, Tensor] | None = None,
+    cache: dict[Any, Tensor] | None = None,
 ) -> RolloutBatch:
     """Group rollouts for samples of one length (see module doc). ``generator``: a CPU generator
-    (masks are drawn on CPU from CPU logits, the same on every device). ``seed`` picks the QA pair."""
+    (masks are drawn on CPU from CPU logits, the same on every device). ``seed`` picks the QA pair.
+    ``cache``: what does not depend on the policy, kept across steps and epochs: ``X`` under the
+    sample id, ``CE_full`` under ``("ce_full", sample id, prompt, target)``."""
     if not samples:
         raise ValueError("rollout: no samples")
     Xs = [encode_sample(adapter, s, cache) for s in samples]
@@ -283,9 +330,15 @@ def rollout(
     logits = policy(X.to(dev), (gh, gw)).float().cpu()  # [B, M]
     G = stage_cfg.group_size
     masks = sample_masks(logits, G, generator)  # [B, G, M] bool
-    keep = torch.cat([torch.ones(B, 1, T * N, dtype=torch.bool), masks], 1)  # mask 0: everything
-    ce_all = score_masks(adapter, X, keep, prompts, targets, stage_cfg.score_batch)  # [B, G+1]
-    ce_full, ce = ce_all[:, 0].contiguous(), ce_all[:, 1:].contiguous()
+    # CE_full does not depend on the policy: cached per (sample, prompt, target) across epochs
+    keys = [("ce_full", str(s["sample_id"]), p, t) for s, p, t in zip(samples, prompts, targets)]
+    cached = None
+    if cache is not None and all(k in cache for k in keys):
+        cached = torch.stack([cache[k] for k in keys])
+    ce_full, ce, _ = score_packed(adapter, X, masks, prompts, targets, ce_full=cached,
+                                  max_tokens=stage_cfg.score_max_tokens or None)
+    if cache is not None:
+        cache.update(zip(keys, ce_full.unbind(0)))
     return RolloutBatch(
         sample_ids=[str(s["sample_id"]) for s in samples],
         policy_version=torch.full((B,), int(policy_version), dtype=torch.long),
@@ -757,7 +810,7 @@ def train_curriculum_local(
 
 
 __all__ = [
-    "RolloutBatch", "select_target", "parse_qa", "rollout", "encode_sample", "score_masks", "advantages",
+    "RolloutBatch", "select_target", "parse_qa", "rollout", "encode_sample", "score_packed", "length_buckets", "advantages",
     "batch_metrics", "surrogate", "learn", "make_optimizer", "lr_at", "set_lr", "train_step", "train_stage",
     "train_curriculum_local", "batched_by_length", "weights_sha", "stage_seed", "step_generator", "init_policy",
     "iter_pseudo_videos_local", "iter_videos_local", "iter_world_pseudo_videos", "iter_world_videos",

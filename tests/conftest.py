@@ -26,15 +26,17 @@ S3_TEST_ENV = {
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster (2 CPUs, no dashboard) shared by the whole session; yields
-    ``ray.cluster_resources()``. Reuses one already started in this process."""
+    """A real local Ray cluster (2 CPUs) shared by the whole session; yields
+    ``ray.cluster_resources()``. Reuses one already started in this process. It has its own
+    dashboard on a free port: Ray Train's placement-group cleaner asks the state API whether its
+    controller lives, and without a dashboard of its own it would ask whatever listens on 8265."""
     import ray
 
     from pipeline.ray_utils import ensure_ray
 
     started = not ray.is_initialized()
     resources = ensure_ray(
-        None, num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2,
+        None, num_cpus=2, include_dashboard=True, object_store_memory=512 * 1024**2,
         log_to_driver=False, runtime_env={"env_vars": dict(S3_TEST_ENV)},
     )
     ctx = ray.data.DataContext.get_current()
