@@ -226,27 +226,44 @@ def _expected_epoch_ids(cfg: Config, epochs: int) -> list[set[str]]:
     return [set(ids[e * per:(e + 1) * per]) for e in range(epochs)]
 
 
-def test_kill9_driver_mid_stage_then_rerun_resumes(assets):
-    """kill -9 the stage driver right after its first checkpoint commits; the same command again
-    resumes there: the stage finishes, steps are continuous (ledger and TensorBoard), every sample
-    of both data epochs was consumed exactly once; then --fresh refuses to overwrite the run and
-    --resume of a corrupted checkpoint fails with an error naming it."""
+def test_kill9_driver_mid_stage_then_rerun_resumes(assets, s3_server, monkeypatch):
+    """With the run on a real S3 server (moto_server on 127.0.0.1): kill -9 the stage driver right
+    after its first checkpoint commits; the same command again resumes there: the stage finishes,
+    steps are continuous (ledger and TensorBoard), every sample of both data epochs was consumed
+    exactly once; then --fresh refuses to overwrite the run and --resume of a corrupted checkpoint
+    fails with an error naming it."""
     import signal
     import time
 
+    import boto3
+
+    from conftest import S3_TEST_ENV
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="runs")
+    prefix = "exp/crash/pseudo_video"
+
+    def exists(key: str) -> bool:
+        return s3.list_objects_v2(Bucket="runs", Prefix=f"{prefix}/{key}").get("KeyCount", 0) > 0
+
+    def read(key: str) -> bytes:
+        return s3.get_object(Bucket="runs", Key=f"{prefix}/{key}")["Body"].read()
+
     steps = 8  # 8 x 2 samples = two epochs of the 8 pseudo-videos
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(OMP_NUM_THREADS="1")
+    env.update(OMP_NUM_THREADS="1", AWS_ENDPOINT_URL=s3_server, **S3_TEST_ENV)
     cmd = [sys.executable, str(ROOT / "jobs" / "train_stage.py"), "--config", str(assets / "cfg.yaml"),
-           "--stage", "pseudo_video", "--run", "crash", "--set", f"stage.pseudo_video.steps={steps}",
-           "--set", "checkpoint.every=2", "--set", "checkpoint.keep_best=0", "--set", "rollout.max_staleness=8"]
-    stage_dir = assets / "runs" / "crash" / "pseudo_video"
-    commit = stage_dir / "checkpoints" / "step-00000001" / "COMMIT"
-    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+           "--stage", "pseudo_video", "--run", "crash", "--storage", "s3://runs/exp",
+           "--set", f"stage.pseudo_video.steps={steps}", "--set", "checkpoint.every=2",
+           "--set", "checkpoint.keep_best=0", "--set", "rollout.max_staleness=8"]
+    work = assets / "crash-cwd"  # TensorBoard of an s3:// run is written under ./runs/<run>/
+    work.mkdir()
+    p = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          start_new_session=True)
     try:
         deadline = time.monotonic() + 600
-        while not commit.exists():
+        while not exists("checkpoints/step-00000001/COMMIT"):
             assert p.poll() is None, p.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 600 s"
             time.sleep(0.02)
@@ -258,18 +275,19 @@ def test_kill9_driver_mid_stage_then_rerun_resumes(assets):
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert not (stage_dir / "learner_summary.json").exists()
+    assert not exists("learner_summary.json")
 
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "[pseudo_video] resuming from" in r.stdout
+    assert "[pseudo_video] resuming from s3://runs/exp/crash/pseudo_video/checkpoints/step-0000000" in r.stdout
     s = json.loads(r.stdout.strip().splitlines()[-1])
-    assert s["resumed_from"].endswith("/checkpoints/step-00000001") or s["resumed_from"].endswith("/step-00000003")
     first = s["start_step"]
     assert first >= 2 and s["steps_done"] == steps - first and s["steps_total"] == steps
     assert s["final_version"] == steps and s["checkpoints"]["failures"] == 0
+    assert s["policy"] == "s3://runs/exp/crash/pseudo_video/policy" and exists("policy/model.safetensors")
+    assert exists("ray_train/")  # Ray Train's own run directory on the same S3 storage
 
-    ledger = json.loads((stage_dir / "ledger.json").read_text())
+    ledger = json.loads(read("ledger.json"))
     assert [e["step"] for e in ledger] == list(range(steps))  # continuous, none twice
     keys = [k for e in ledger for k in e["ids"] + e["dropped"]]
     assert len(keys) == len(set(keys)) == steps * 2  # no sample used twice
@@ -279,14 +297,18 @@ def test_kill9_driver_mid_stage_then_rerun_resumes(assets):
 
     sc = _scalars(Path(s["tensorboard"]))  # the crashed run's later events are purged
     assert sc["policy/version"] == [float(v) for v in range(1, steps + 1)]
-    assert sorted(int(x.name[5:]) for x in (stage_dir / "checkpoints").glob("step-*")) == [5, 7]  # keep_last 2
+    from pipeline.checkpoint import list_committed
+
+    for k, v in dict(S3_TEST_ENV, AWS_ENDPOINT_URL=s3_server).items():
+        monkeypatch.setenv(k, v)
+    assert [st for st, _ in list_committed(f"s3://runs/{prefix}/checkpoints")] == [5, 7]  # keep_last 2
 
     # --fresh never overwrites silently; --resume names a damaged checkpoint
-    r = subprocess.run(cmd + ["--fresh"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd + ["--fresh"], env=env, cwd=work, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "already exists" in r.stderr and "--force" in r.stderr
-    bad = stage_dir / "checkpoints" / "step-00000007"
-    (bad / "state.json").write_text("{}")
-    r = subprocess.run(cmd + ["--resume", str(bad)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    s3.put_object(Bucket="runs", Key=f"{prefix}/checkpoints/step-00000007/state.json", Body=b"{}")
+    bad = f"s3://runs/{prefix}/checkpoints/step-00000007"
+    r = subprocess.run(cmd + ["--resume", bad], env=env, cwd=work, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and f"checkpoint {bad} is corrupted: state.json" in r.stderr
 
 
