@@ -8,6 +8,15 @@ The store also keeps the run's bookkeeping that must survive a rollout actor's r
 rollout batches were started (so a batch that a restarted actor processes again is counted as a
 retry) and how many times.
 
+It is also the staleness gate (:meth:`PolicyStore.try_admit`): a rollout actor asks before each
+batch, and a batch is admitted only while the rows admitted so far stay below
+``(updates + max_staleness + 1) * rows_per_version`` (plus what the learner's input path holds
+back beyond that bound: ``actors.rollout.gate_slack_batches``), where ``updates`` counts the learner's
+publishes since the stream started (a resumed stage counts from its checkpoint's version) and
+``rows_per_version`` is what one learner update consumes (``batch_size * learner.num_workers``).
+A batch admitted this way is consumed at most ``max_staleness`` versions after the version it
+was rolled out with (when batches reach the learner in admission order).
+
     store = PolicyStore.options(name=store_name(run, stage)).remote()
     store.publish.remote(1, state_dict)      # numpy or torch values
     version, sd = ray.get(store.latest.remote())
@@ -56,6 +65,12 @@ class PolicyStore:
         self._done = 0
         self._actors: set[str] = set()
         self._retries = 0
+        # staleness gate (try_admit)
+        self._admitted: set[str] = set()
+        self._admitted_rows = 0
+        self._gate_base: int | None = None
+        self._gate_refusals = 0
+        self._gate_forced = 0
 
     # -------------------------------------------------------------- weights
     def publish(self, version: int, state_dict: Mapping[str, Any]) -> int:
@@ -94,6 +109,36 @@ class PolicyStore:
             self._retries += 1
         return n
 
+    def try_admit(self, key: str, rows: int, max_staleness: int, rows_per_version: int,
+                  slack_rows: int = 0, force: bool = False) -> tuple[bool, int]:
+        """Staleness gate: may the rollout batch ``key`` of ``rows`` rows start now? True while
+        ``admitted rows < (updates + max_staleness + 1) * rows_per_version + slack_rows`` (then its
+        rows are counted), when ``key`` was admitted before (a retried batch is not counted twice)
+        or with ``force`` (counted: the caller gave up waiting). ``updates`` = publishes since the
+        first call (the version published before the stream starts - 0, ``--init-policy``'s 0 or
+        a resumed checkpoint's - is the base); ``slack_rows``: rows the pipeline holds back between
+        the pool and the learner that the learner needs before it can make its next update.
+        Returns ``(admitted, current version)``."""
+        if key in self._admitted:
+            return True, self._version
+        if self._gate_base is None:
+            self._gate_base = max(self._version, 0)
+        updates = max(0, self._version - self._gate_base)
+        window = (updates + int(max_staleness) + 1) * max(1, int(rows_per_version)) + max(0, int(slack_rows))
+        if self._admitted_rows < window or force:
+            self._admitted.add(key)
+            self._admitted_rows += int(rows)
+            self._gate_forced += int(bool(force) and self._admitted_rows - int(rows) >= window)
+            return True, self._version
+        self._gate_refusals += 1
+        return False, self._version
+
+    def gate(self) -> dict[str, Any]:
+        """The gate's counters: ``base`` version, ``admitted_rows``, ``admitted`` batches, ``refusals``
+        (polls answered no), ``forced`` (batches that started after waiting too long)."""
+        return {"base": self._gate_base, "admitted_rows": self._admitted_rows, "admitted": len(self._admitted),
+                "refusals": self._gate_refusals, "forced": self._gate_forced}
+
     def end_batch(self, key: str) -> None:
         self._in_flight.pop(key, None)
         self._done += 1
@@ -108,7 +153,9 @@ class PolicyStore:
 
     def stats(self) -> dict[str, Any]:
         return {"version": self._version, "batches": len(self._attempts), "retries": self._retries,
-                "finished": self._done, "in_flight": len(self._in_flight), "actors": len(self._actors)}
+                "finished": self._done, "in_flight": len(self._in_flight), "actors": len(self._actors),
+                "gate_admitted_rows": self._admitted_rows, "gate_refusals": self._gate_refusals,
+                "gate_forced": self._gate_forced}
 
 
 def get_store(name: str, timeout_s: float = 60.0) -> Any:

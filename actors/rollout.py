@@ -5,6 +5,9 @@ wires it onto a sample stream with an autoscaling ``ActorPoolStrategy(min_actors
 and the per-replica resources of ``cfg.rollout`` (``num_gpus=1`` on clusters, fractional CPUs
 here). Each actor loads the frozen MLLM once (``load_mllm(cfg.mllm)``), and for every batch:
 
+0. waits at the store's staleness gate (:meth:`~actors.policy_store.PolicyStore.try_admit`):
+   the batch starts only when it will reach the learner at most ``rollout.max_staleness`` policy
+   versions after the one it is rolled out with (see :meth:`RolloutWorker.wait_admission`);
 1. pulls the newest policy version from the stage's :class:`~actors.policy_store.PolicyStore`
    (only when it changed; between batches, never inside one);
 2. registers the batch with the store (a batch that a restarted actor processes again - Ray Data
@@ -17,12 +20,20 @@ here). Each actor loads the frozen MLLM once (``load_mllm(cfg.mllm)``), and for 
    ``learner.image_every > 0``, ``thumb`` (uint8 ``[T, s, s, 3]`` frames of ``learner.image_size``
    pixels for the learner's TensorBoard mask overlays).
 
+The gate only works because every Ray Data task of the pool holds exactly one batch:
+:func:`rollout_dataset` re-blocks the sample stream to ``batch_size`` rows per block first. A map
+task's outputs leave the actor only when the task has consumed its whole input bundle, and the
+pool's bundler merges small blocks but never splits big ones, so without it one task would get a
+whole shard's block (several batches) and a batch waiting at the gate inside that task would hold
+back the finished batches before it - the learner would never see them (deadlock).
+
 Masks are drawn from a CPU generator seeded by ``(stage seed, sample ids, policy version)``, so a
 retried batch with the same version draws the same masks.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import zlib
@@ -65,6 +76,31 @@ def batch_key(sample_ids: list[str]) -> str:
     return f"{zlib.crc32(','.join(sample_ids).encode()):08x}:{len(sample_ids)}:{sample_ids[0]}"
 
 
+def gate_slack_batches(world: int, max_staleness: int, prefetch_batches: int) -> int:
+    """Batches the staleness gate admits beyond ``(updates + max_staleness + 1) * world``: what
+    the path from the pool to the learner holds back, minus what ``max_staleness`` already covers.
+
+    The learner's update ``u`` needs ``(u + 1) * world`` batches, but a finished batch reaches a
+    rank only after more have been rolled out:
+
+    * each rank's ``iter_batches(prefetch_batches=P)`` pulls the next ``P`` batches before it
+      hands out the current one (Ray Data's ``prefetch_batches_locally``): ``P * world``;
+    * Ray Train splits the stream with ``streaming_split(world, equal=True, locality_hints=...)``,
+      whose OutputSplitter keeps ``F * world - 1`` bundles buffered while it finds none stored on
+      a rank's node - the case for small rollout blocks, which are inlined instead of put in the
+      object store (``F`` = ``$RAY_DATA_DEFAULT_OUTPUT_SPLITTER_MAX_BUFFERING_FACTOR``, default 2;
+      0 there, or ``DataConfig(enable_shard_locality=False)``, leaves the equal split's
+      ``world - 1``).
+
+    So ``(u + 1 + P) * world + F * world - 1`` batches must be admitted for update ``u``; without
+    the slack a small ``max_staleness`` would stall the learner. The held-back batches are why a
+    bound below about ``P + F`` versions cannot be met (the learner drops what is older)."""
+    factor = float(os.environ.get("RAY_DATA_DEFAULT_OUTPUT_SPLITTER_MAX_BUFFERING_FACTOR", "2"))
+    held = max(int(world) - 1, math.ceil(factor * int(world)) - 1)
+    need = int(prefetch_batches) * int(world) + held
+    return max(0, need - int(max_staleness) * int(world))
+
+
 class RolloutWorker:
     """``map_batches`` callable: sample batch (numpy columns) -> rollout record batches."""
 
@@ -87,6 +123,13 @@ class RolloutWorker:
         self.actor = f"{os.getpid()}"
         self.thumb_size = self.cfg.learner.image_size if self.cfg.learner.image_every > 0 else 0
         self.batches = 0
+        # staleness gate: rows one learner update consumes (every rank takes batch_size rows per
+        # step), and the batches the learner's input split holds back (see gate_slack_batches)
+        world = int(self.cfg.learner.num_workers)
+        self.rows_per_version = int(self.stage_cfg.batch_size) * world
+        self.slack_rows = int(self.stage_cfg.batch_size) * gate_slack_batches(
+            world, int(self.cfg.rollout.max_staleness), int(self.cfg.learner.prefetch_batches))
+        self.gate_wait_s = 0.0  # total seconds this replica waited at the staleness gate
 
     # ------------------------------------------------------------------ policy sync
     def _store(self):
@@ -119,6 +162,39 @@ class RolloutWorker:
             self.version = int(version)
         return self.version
 
+    def wait_admission(self, key: str, rows: int) -> float:
+        """Block until the store's staleness gate admits batch ``key`` (polling with a short
+        back-off); returns the seconds waited. Fails open - the batch starts anyway (counted by the
+        store as ``gate_forced``) with a warning - when the learner published no new version for
+        ``2 * run.call_timeout_s`` while the batch waited (a learner stalled that long, or an
+        ordering the gate did not foresee: never a deadlock, at worst a stale batch the learner
+        drops and counts), or when the store is gone (the stage is over)."""
+        import ray
+
+        store = self._store()
+        args = (key, int(rows), int(self.cfg.rollout.max_staleness), self.rows_per_version, self.slack_rows)
+        t0 = last = time.monotonic()
+        limit = 2.0 * float(self.cfg.run.call_timeout_s)
+        seen, pause, force = None, 0.01, False
+        try:
+            while True:
+                ok, version = ray.get(store.try_admit.remote(*args, force), timeout=self.cfg.run.call_timeout_s)
+                now = time.monotonic()
+                if ok:
+                    if force:
+                        print(f"[rollout {self.actor}] staleness gate: no new policy version for {now - last:.0f} s; "
+                              f"batch {key} starts anyway", flush=True)
+                    return now - t0
+                if version != seen:  # the learner is making progress: keep waiting
+                    seen, last = version, now
+                force = now - last > limit
+                time.sleep(pause)
+                pause = min(0.1, pause * 1.5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            print(f"[rollout {self.actor}] staleness gate unavailable ({type(e).__name__}); batch {key} starts",
+                  flush=True)
+            return time.monotonic() - t0
+
     # ------------------------------------------------------------------ one batch
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         import ray
@@ -130,8 +206,9 @@ class RolloutWorker:
         if not samples:
             return
         ids = [str(s["sample_id"]) for s in samples]
-        version = self.sync_policy()
         key = batch_key(ids)
+        self.gate_wait_s += self.wait_admission(key, len(ids))
+        version = self.sync_policy()  # after the gate: the newest weights when the batch starts
         attempt = int(ray.get(self._store().begin_batch.remote(key, self.actor), timeout=self.cfg.run.call_timeout_s))
         groups: dict[tuple, list] = {}
         for s in samples:
@@ -159,7 +236,12 @@ def rollout_dataset(samples_ds: Any, cfg: Config, stage: str, store: str, seed: 
     import ray.data
 
     r = cfg.rollout
+    bs = getattr(cfg.stage, stage).batch_size
     extra: dict[str, Any] = {"num_gpus": r.num_gpus} if r.num_gpus > 0 else {}
+    # one batch per block, so one batch per pool task: a task's outputs reach the learner only
+    # when the task ends, and a batch waiting at the staleness gate must not hold back the
+    # finished ones (streaming re-blocking; row order unchanged)
+    samples_ds = samples_ds.repartition(target_num_rows_per_block=bs, strict=True)
     return samples_ds.map_batches(
         RolloutWorker,
         fn_constructor_kwargs=dict(cfg=cfg.model_dump(), stage=stage, store=store, seed=int(seed),
@@ -167,7 +249,7 @@ def rollout_dataset(samples_ds: Any, cfg: Config, stage: str, store: str, seed: 
         # (Ray Data's pool actors default to max_restarts=-1, max_task_retries=-1: a replica that
         # dies is restarted and the batch it was working on runs again - tested by killing one)
         compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
-        batch_size=getattr(cfg.stage, stage).batch_size,
+        batch_size=bs,
         batch_format="numpy",
         num_cpus=r.num_cpus,
         zero_copy_batch=True,

@@ -53,6 +53,7 @@ def job_env(cfg: Config) -> dict[str, str]:
     env = {
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         "TOKENIZERS_PARALLELISM": "false",
+        "RAY_DATA_DEFAULT_OUTPUT_SPLITTER_MAX_BUFFERING_FACTOR": "0",  # see train_stage.DEFAULT_ENV
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(cfg.learner.health_check_interval_s),
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }

@@ -11,7 +11,7 @@ The driver (this script; also what ``jobs/train_curriculum.py`` submits as a Ray
 2. creates the stage's PolicyStore actor (version 0 = ``--init-policy`` when given);
 3. builds the streaming dataset ``<stage samples>.map_batches(RolloutWorker,
    compute=ActorPoolStrategy(min_actors, max_actors))`` (enough epochs of the shards for
-   ``steps * batch_size`` samples) and hands it to the TorchTrainer as ``datasets={"rollouts": ds}``;
+   ``steps * batch_size * learner.num_workers`` samples) and hands it to the TorchTrainer as ``datasets={"rollouts": ds}``;
 4. runs ``fit()`` under ``learner.fit_timeout_s`` and prints a summary line, then one JSON line.
 
 Layout: ``<storage>/<run>/<stage>/{policy/, learner_summary.json, ray_train/}`` and
@@ -40,7 +40,10 @@ from pipeline.config import Config, add_config_args, config_from_args
 
 STAGES = ("pseudo_video", "real_video")
 # environment every stage process wants (the curriculum passes it in the job's runtime_env)
-DEFAULT_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+DEFAULT_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               # Ray Train's input split holds no extra rollout batches back waiting for locality
+               # (it would add a version of staleness; see actors.rollout.gate_slack_batches)
+               "RAY_DATA_DEFAULT_OUTPUT_SPLITTER_MAX_BUFFERING_FACTOR": "0"}
 
 
 def stage_paths(cfg: Config, stage: str) -> dict[str, str]:
@@ -92,7 +95,7 @@ def _epoch_size(cfg: Config, stage: str) -> int:
 
 def samples_dataset(cfg: Config, stage: str, quarantine: Any, skip: dict[int, list[str]] | None = None
                     ) -> tuple[Any, int]:
-    """The stage's sample stream, repeated for enough epochs to feed ``steps * batch_size``
+    """The stage's sample stream, repeated for enough epochs to feed ``steps * batch_size * workers``
     samples (epoch ``e`` of stage 1 regroups images with seed ``run.seed + e``, like the
     single-process trainer), each row tagged with its ``epoch``; ``skip[e]`` are the sample ids
     of epoch ``e`` a resumed stage already consumed. Returns ``(dataset, epochs)``."""
@@ -101,7 +104,7 @@ def samples_dataset(cfg: Config, stage: str, quarantine: Any, skip: dict[int, li
     scfg = getattr(cfg.stage, stage)
     skip = skip or {}
     per_epoch = max(1, _epoch_size(cfg, stage))
-    epochs = max(1, math.ceil(scfg.steps * scfg.batch_size / per_epoch))
+    epochs = max(1, math.ceil(scfg.steps * scfg.batch_size * cfg.learner.num_workers / per_epoch))  # every rank takes a batch per step
     parts = []
     for e in range(epochs):
         if stage == "pseudo_video":

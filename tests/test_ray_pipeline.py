@@ -357,3 +357,49 @@ def test_rollout_actor_killed_mid_batch_is_restarted_and_retried(ray_cluster, as
     assert s["steps_done"] == steps and s["final_version"] == steps
     assert s["retries"] >= 1 and s["store"]["retries"] >= 1  # the killed batch ran again, counted
     assert s["store"]["actors"] >= 2  # ... on a restarted replica
+
+
+# ------------------------------------------------------------------------------------- bounded staleness
+def test_staleness_gate_admits_by_learner_progress(ray_cluster):
+    """PolicyStore.try_admit: rows admitted stay below (updates + max_staleness + 1) * rows per
+    update (+ slack), counted from the version published before the stream (a resumed stage's);
+    a retried batch passes again uncounted; ``force`` passes and is counted."""
+    import ray
+
+    from actors.policy_store import create_store, store_name
+    from actors.rollout import gate_slack_batches
+
+    store = create_store(store_name("gate", "pseudo_video"))
+    try:
+        ray.get(store.publish.remote(5, {"w": np.zeros(2)}), timeout=30)  # a stage resumed at v5
+        admit = lambda key, force=False: ray.get(store.try_admit.remote(key, 2, 1, 2, 0, force), timeout=30)[0]
+        assert [admit(k) for k in "abc"] == [True, True, False]  # window (0 + 1 + 1) * 2 rows
+        assert admit("a") and admit("b")  # retries: admitted again, not counted
+        ray.get(store.publish.remote(6, {"w": np.zeros(2)}), timeout=30)  # one update: one more batch
+        assert [admit(k) for k in "cd"] == [True, False]
+        assert admit("d", force=True) and not admit("e")
+        g = ray.get(store.gate.remote(), timeout=30)
+        assert g["base"] == 5 and g["admitted_rows"] == 8 and g["forced"] == 1 and g["refusals"] == 3
+    finally:
+        ray.kill(store)
+    # what the learner's input path holds back (prefetch + OutputSplitter) beyond max_staleness
+    assert gate_slack_batches(1, 2, 1) == 0 and gate_slack_batches(1, 0, 1) == 2 and gate_slack_batches(2, 2, 1) == 1
+
+
+def test_stage_rollouts_stay_within_max_staleness(ray_cluster, assets, monkeypatch):
+    """The staleness gate keeps the rollout pool at most ``rollout.max_staleness`` policy versions
+    ahead of the learner: over 8 steps (two data epochs, much more than the pipeline's depth) no
+    record is dropped as stale, every step's version lag is within the bound, the gate did hold
+    the pool back, and no batch had to be forced through."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    from train_stage import run_stage
+
+    steps = 8
+    cfg = _cfg(assets, "run.name=stale", f"stage.pseudo_video.steps={steps}", "rollout.max_staleness=2")
+    s = run_stage(cfg, "pseudo_video", log=None)
+    assert s["steps_done"] == steps and s["final_version"] == steps
+    assert s["dropped_stale"] == 0, s["store"]
+    lags = _scalars(Path(s["tensorboard"]))["policy/version_lag"]
+    assert len(lags) == steps and max(lags) <= cfg.rollout.max_staleness, lags
+    assert s["store"]["gate_refusals"] > 0 and s["store"]["gate_forced"] == 0, s["store"]
