@@ -360,7 +360,7 @@ def test_rollout_actor_killed_mid_batch_is_restarted_and_retried(ray_cluster, as
 
 
 # ------------------------------------------------------------------------------------- bounded staleness
-def test_staleness_gate_admits_by_learner_progress(ray_cluster):
+def test_staleness_gate_admits_by_learner_progress(ray_cluster, monkeypatch):
     """PolicyStore.try_admit: rows admitted stay below (updates + max_staleness + 1) * rows per
     update (+ slack), counted from the version published before the stream (a resumed stage's);
     a retried batch passes again uncounted; ``force`` passes and is counted."""
@@ -382,8 +382,12 @@ def test_staleness_gate_admits_by_learner_progress(ray_cluster):
         assert g["base"] == 5 and g["admitted_rows"] == 8 and g["forced"] == 1 and g["refusals"] == 3
     finally:
         ray.kill(store)
-    # what the learner's input path holds back (prefetch + OutputSplitter) beyond max_staleness
+    # what the learner's input path holds back (prefetch + OutputSplitter) beyond max_staleness;
+    # Ray's default splitter buffering, then the factor 0 every stage runs with (train_stage.DEFAULT_ENV)
+    monkeypatch.delenv("RAY_DATA_DEFAULT_OUTPUT_SPLITTER_MAX_BUFFERING_FACTOR", raising=False)
     assert gate_slack_batches(1, 2, 1) == 0 and gate_slack_batches(1, 0, 1) == 2 and gate_slack_batches(2, 2, 1) == 1
+    monkeypatch.setenv("RAY_DATA_DEFAULT_OUTPUT_SPLITTER_MAX_BUFFERING_FACTOR", "0")
+    assert gate_slack_batches(1, 0, 1) == 1 and gate_slack_batches(2, 2, 1) == 0 and gate_slack_batches(2, 0, 1) == 3
 
 
 def test_stage_rollouts_stay_within_max_staleness(ray_cluster, assets, monkeypatch):
