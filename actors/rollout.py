@@ -43,9 +43,6 @@ import numpy as np
 
 from pipeline.config import Config
 
-# extra columns next to the RolloutBatch.to_records layout
-EXTRA_COLUMNS = ("rollout_s", "attempt", "actor", "epoch")
-
 
 def records_to_columns(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Row dicts -> ``{column: array}``: stacked when every value is an array of one shape, else an
@@ -129,7 +126,6 @@ class RolloutWorker:
         self.rows_per_version = int(self.stage_cfg.batch_size) * world
         self.slack_rows = int(self.stage_cfg.batch_size) * gate_slack_batches(
             world, int(self.cfg.rollout.max_staleness), int(self.cfg.learner.prefetch_batches))
-        self.gate_wait_s = 0.0  # total seconds this replica waited at the staleness gate
 
     # ------------------------------------------------------------------ policy sync
     def _store(self):
@@ -207,7 +203,7 @@ class RolloutWorker:
             return
         ids = [str(s["sample_id"]) for s in samples]
         key = batch_key(ids)
-        self.gate_wait_s += self.wait_admission(key, len(ids))
+        self.wait_admission(key, len(ids))
         version = self.sync_policy()  # after the gate: the newest weights when the batch starts
         attempt = int(ray.get(self._store().begin_batch.remote(key, self.actor), timeout=self.cfg.run.call_timeout_s))
         groups: dict[tuple, list] = {}
