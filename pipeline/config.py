@@ -112,7 +112,8 @@ class ReferenceConfig(_Strict):
     heads: int = Field(4, ge=1)
     vision_hidden: int = Field(64, ge=8)
     patch: int = Field(8, ge=2, description="vision patch size; 2x2 pooling follows (LLaVA-OV video path)")
-    steps: int = Field(2500, ge=1)
+    steps: int = Field(2600, ge=1)
+    binding_steps: int = Field(800, ge=0, description="first steps on single frames (colour/shape questions): the question-object binding forms there")
     lr: float = Field(1e-3, gt=0, description="peak; 2e-3 is too high for the question-object binding to form")
     warmup: int = Field(100, ge=0)
     tokens_per_batch: int = Field(4096, ge=64, description="visual+text tokens per step; batch size follows T")
@@ -131,6 +132,12 @@ class ReferenceConfig(_Strict):
     eval_every: int = Field(500, ge=1)
     seed: int = 0
     min_qa_accuracy: float = Field(0.9, ge=0.0, le=1.0, description="the build fails below this on held-out videos")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ReferenceConfig":
+        if self.binding_steps >= self.steps:
+            raise ValueError(f"binding_steps ({self.binding_steps}) must be below steps ({self.steps})")
+        return self
 
 
 class PolicyConfig(_Strict):

@@ -11,7 +11,8 @@ from pipeline.mllm.loader import load_mllm
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "reference.hidden=64", "--set", "reference.layers=2", "--set", "reference.steps=STEPS",
          "--set", "reference.eval_videos=40", "--set", "reference.eval_every=1000", "--set", "reference.min_qa_accuracy=0.0",
-         "--set", "reference.tokens_per_batch=1024"]
+         "--set", "reference.tokens_per_batch=1024",
+         "--set", "reference.binding_steps=200"]
 
 
 def test_small_rebuild_learns_and_is_cached(tmp_path):
