@@ -120,7 +120,8 @@ class ReferenceConfig(_Strict):
     max_batch: int = Field(64, ge=1)
     token_dropout: float = Field(0.3, ge=0.0, lt=1.0, description="max random visual-token dropout (half the samples)")
     aux_weight: float = Field(1.0, ge=0.0, description="dense per-token colour/shape loss on the vision side")
-    caption_fraction: float = Field(0.25, ge=0.0, le=1.0, description="share of caption targets (rest: QA)")
+    caption_fraction: float = Field(0.15, ge=0.0, le=1.0, description="share of video-caption targets")
+    pseudo_fraction: float = Field(0.15, ge=0.0, le=1.0, description="share of pseudo-video targets (k images each repeated T/k frames, captions joined; k=1: an image caption), stage 1's material (rest: QA)")
     target_eos: bool = Field(True, description="end every training target with <eos> so greedy answers stop after the answer")
     balance_types: bool = Field(True, description="QA samples: pick the question type uniformly among the video's types, then a question")
     qa_weight: float = Field(1.0, gt=0.0, description="loss weight of a QA sample relative to a caption sample")
@@ -135,6 +136,8 @@ class ReferenceConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "ReferenceConfig":
+        if self.caption_fraction + self.pseudo_fraction > 1:
+            raise ValueError("caption_fraction + pseudo_fraction must be at most 1")
         if self.binding_steps >= self.steps:
             raise ValueError(f"binding_steps ({self.binding_steps}) must be below steps ({self.steps})")
         return self

@@ -35,7 +35,8 @@ import torch
 
 from pipeline.config import ReferenceConfig, WorldConfig
 from pipeline.data.prompts import CAPTION_PROMPT, VIDEO, qa_prompt
-from pipeline.data.world import COLORS, QUESTION_TYPES, SHAPES, VOCAB, make_video, sample_rng, token_labels
+from pipeline.data.pseudo_video import make_pseudo_video
+from pipeline.data.world import COLORS, QUESTION_TYPES, SHAPES, VOCAB, make_image, make_video, sample_rng, token_labels
 from pipeline.mllm.base import MLLMAdapter
 from pipeline.mllm.llava_onevision import video_features
 from pipeline.mllm.loader import adapter_for
@@ -164,6 +165,7 @@ class Pretrainer:
         self.eos = tokenizer.eos_token
         self.step_idx = 0
         self.sample_idx = 0
+        self.image_idx = 0
 
     def _aux_loss(self, X: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = torch.zeros(())
@@ -193,6 +195,22 @@ class Pretrainer:
                 return v, (pool[self.rng.integers(len(pool))] if pool else None)
         raise AssertionError("unreachable")
 
+    def _pseudo_video(self, t: int) -> dict:
+        """A fresh stage-1 sample of ``t`` frames: k images (k divides t, at most 4) from the
+        world's image generator, each repeated t/k frames by the stage's own synthesizer, the
+        captions joined in order; k=1 is an image caption. Objects in the video layout (per-frame
+        boxes, None outside their segment) for the auxiliary heads."""
+        ks = [k for k in range(1, 5) if t % k == 0]
+        k = ks[self.rng.integers(len(ks))]
+        imgs = [make_image(self.wcfg, sample_rng(self.wcfg.seed, "train", "image", self.image_idx + j)) for j in range(k)]
+        self.image_idx += k
+        rep = t // k
+        pv = make_pseudo_video([s["image"] for s in imgs], [s["caption"] for s in imgs], [str(j) for j in range(k)], rep)
+        objects = [{"id": o["id"], "shape": o["shape"], "color": o["color"], "new_color": None, "change_at": None,
+                    "boxes": [o["box"] if j * rep <= f < (j + 1) * rep else None for f in range(t)]}
+                   for j, s in enumerate(imgs) for o in s["objects"]]
+        return {"frames": pv["frames"], "caption": pv["caption"], "qa": [], "objects": objects}
+
     def _lr(self) -> float:
         s, r = self.step_idx, self.rcfg
         if s < r.warmup:
@@ -215,9 +233,13 @@ class Pretrainer:
         grid = self.adapter.visual_grid(t)[1:]
         end = f" {self.eos}" if r.target_eos else ""
         for i in range(bs):
-            caption = self.rng.random() < r.caption_fraction
+            u = self.rng.random()
+            caption = u < r.caption_fraction + r.pseudo_fraction
             want = None if caption else (types[self.rng.integers(len(types))] if r.balance_types else "")
-            if want == "":  # unbalanced: a random question of a random video
+            if u < r.pseudo_fraction:
+                v = self._pseudo_video(t)
+                q = None
+            elif want == "":  # unbalanced: a random question of a random video
                 v, _ = self._draw(world, t, None)
                 q = v["qa"][self.rng.integers(len(v["qa"]))] if v["qa"] else None
             else:
