@@ -69,8 +69,12 @@ def columns_to_records(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{c: batch[c][i] for c in cols} for i in range(n)]
 
 
-def batch_key(sample_ids: list[str]) -> str:
-    return f"{zlib.crc32(','.join(sample_ids).encode()):08x}:{len(sample_ids)}:{sample_ids[0]}"
+def batch_key(sample_ids: list[str], epochs: list[int]) -> str:
+    """One rollout batch's identity: its samples AND their data epochs. Real videos keep their ids
+    in every epoch, so without the epoch a later epoch's batch would look like a retry of the
+    first one (and pass the staleness gate uncounted)."""
+    tagged = [f"{e}/{i}" for e, i in zip(epochs, sample_ids)]
+    return f"{zlib.crc32(','.join(tagged).encode()):08x}:{len(tagged)}:{tagged[0]}"
 
 
 def gate_slack_batches(world: int, max_staleness: int, prefetch_batches: int) -> int:
@@ -202,7 +206,7 @@ class RolloutWorker:
         if not samples:
             return
         ids = [str(s["sample_id"]) for s in samples]
-        key = batch_key(ids)
+        key = batch_key(ids, [int(s.get("epoch", 0)) for s in samples])
         self.wait_admission(key, len(ids))
         version = self.sync_policy()  # after the gate: the newest weights when the batch starts
         attempt = int(ray.get(self._store().begin_batch.remote(key, self.actor), timeout=self.cfg.run.call_timeout_s))

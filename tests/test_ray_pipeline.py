@@ -121,6 +121,11 @@ def test_policy_store_and_rollout_worker(ray_cluster, assets):
         assert [int(r["policy_version"]) for r in r2] == [1, 1] and [int(r["attempt"]) for r in r2] == [2, 2]
         assert float(np.mean(r2[0]["old_logits"])) < -2.0
         assert ray.get(store.retries.remote(), timeout=30) == 1
+        # the same samples in the next data epoch are a new batch, not a retry (real videos keep
+        # their ids across epochs: counted as retries they used to bypass the staleness gate)
+        out3 = list(worker({**samples, "epoch": np.array([1, 1])}))
+        assert [int(r["attempt"]) for r in columns_to_records(out3[0])] == [1, 1]
+        assert ray.get(store.retries.remote(), timeout=30) == 1
         v, sd = ray.get(store.latest.remote(), timeout=30)
         assert v == 1 and set(sd) == set(pol.state_dict())
     finally:
