@@ -1,4 +1,4 @@
-"""score-tiny: a rebuild of a small config learns (the full build's bar is in the README)."""
+"""score-tiny: a rebuild of a small config learns and passes a small calibration (the full build's bar is in the README)."""
 
 import json
 import subprocess
@@ -22,13 +22,17 @@ def test_small_rebuild_learns_and_is_cached(tmp_path):
                     "--set", "world.object_size=0.375", "--set", "world.jitter=0", "--quiet"], check=True)
     out = tmp_path / "model"
     args = [sys.executable, str(ROOT / "jobs/build_reference_mllm.py"), "--world", str(world), "--out", str(out),
-            "--no-calibration", *[a.replace("STEPS", "STEPS_N") for a in SMALL]]
+            *[a.replace("STEPS", "STEPS_N") for a in SMALL]]
     args = [a.replace("STEPS_N", "400") for a in args]
     r = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     # chance is 1/4 (shape) to 1/6 (colour); the small build must be clearly above it
     assert res["option_accuracy"] >= 0.6, res
+    # the calibration, small: at 10% blind selection loses >= 10 points, the oracle (the question's
+    # object tokens) at most 5 (measured: random -0.33, uniform -0.25, oracle +0.10 of 0.63)
+    full, cal = res["qa_accuracy"], res["calibration"]["0.1"]
+    assert cal["random"] <= full - 0.1 and cal["uniform"] <= full - 0.1 and cal["oracle"] >= full - 0.05, res
     assert not res["cached"] and (out / "model.safetensors").is_file() and (out / "build.json").is_file()
     adapter = load_mllm(MLLMConfig(path=str(out)))
     assert adapter.visual_grid(4) == (4, 2, 2)
