@@ -7,9 +7,10 @@ projector + the 2x2 video pooling): an object's colour lives only in the tokens 
 which is what makes the choice of tokens matter.
 
 Pre-training is plain next-token loss on fresh world samples (never the held-out shards):
-video captions and QA, with variable frame counts (short clips first: an easy-to-hard order) and
-mild random token dropout on half the samples, as real MLLMs see many resolutions and frame
-counts. It never sees a selector's or the policy's masks. Training runs through the adapter's
+video captions and QA, pseudo-videos and image captions (stage 1's material), single frames
+first (``binding_steps``: where the question-object binding forms), then variable frame counts
+(short clips first: an easy-to-hard order) and mild random token dropout on half the samples,
+as real MLLMs see many resolutions and frame counts. It never sees a selector's or the policy's masks. Training runs through the adapter's
 own masked path (``target_ce``), the one that later scores rollouts.
 
 Levers (``ReferenceConfig``; measurements in EXPERIMENTS.md): every target ends with ``<eos>``
