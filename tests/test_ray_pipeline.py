@@ -419,17 +419,13 @@ EQ_STEPS = 24
 EQ_BAND = 0.03  # margin around the single-process seeds' range (measured: seeds 0.341-0.345, Ray 0.336, init 0.881)
 
 
-def _heldout_keep(policy, adapter, videos) -> tuple[float, float]:
-    """(mean keep probability, QA accuracy under the SCORE top-25% selector) on the held-out videos."""
+def _heldout_keep(policy, adapter, videos) -> float:
+    """Mean keep probability of ``policy`` over the held-out videos' tokens."""
     import torch
 
-    from pipeline.evaluation import evaluate_qa
-    from pipeline.select import make_score_selector
-
     with torch.no_grad():
-        p = float(torch.cat([torch.sigmoid(policy(v.X, adapter.visual_grid(v.X.shape[0])[1:])).flatten()
-                             for v in videos]).mean())
-    return p, evaluate_qa(adapter, videos, make_score_selector(policy), 0.25)["accuracy"]
+        return float(torch.cat([torch.sigmoid(policy(v.X, adapter.visual_grid(v.X.shape[0])[1:])).flatten()
+                                for v in videos]).mean())
 
 
 def test_distributed_stage_matches_single_process_trainer(ray_cluster, assets, monkeypatch):
@@ -437,9 +433,8 @@ def test_distributed_stage_matches_single_process_trainer(ray_cluster, assets, m
     ``max_staleness`` versions old) ends where the single-process reference trainer does. "Within
     noise" is measured, not assumed: the band is the single-process runs' spread over three seeds
     plus EQ_BAND, on the final policy's mean keep probability over the held-out videos (init 0.88;
-    both must have moved by >= 0.1, so the comparison is not of two untrained policies) and the
-    held-out QA accuracy at 25% retention (the random tiny MLLM is near chance: only a gross
-    difference would show there)."""
+    both must have moved by >= 0.1, so the comparison is not of two untrained policies). QA
+    accuracy is not compared: on this random tiny MLLM it is 0 for every run."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.syspath_prepend(str(ROOT / "jobs"))
     from train_stage import run_stage
@@ -454,7 +449,7 @@ def test_distributed_stage_matches_single_process_trainer(ray_cluster, assets, m
     cfg = _cfg(assets, "run.name=equiv", *over)
     adapter = load_mllm(MLLMConfig(path=str(assets / "mllm")))
     videos = load_eval_videos(adapter, str(assets / "world" / "heldout" / "videos"), 4, 4, 16)
-    init = _heldout_keep(tr.init_policy(adapter.hidden_size, cfg.policy, 0), adapter, videos)[0]
+    init = _heldout_keep(tr.init_policy(adapter.hidden_size, cfg.policy, 0), adapter, videos)
 
     single = []
     for seed in (0, 1, 2):
@@ -469,8 +464,5 @@ def test_distributed_stage_matches_single_process_trainer(ray_cluster, assets, m
     assert s["steps_done"] == EQ_STEPS
     dist = _heldout_keep(ScorePolicy.from_pretrained(s["policy"]), adapter, videos)
 
-    keeps = [k for k, _ in single]
-    assert max(keeps) < init - 0.1 and dist[0] < init - 0.1, (init, keeps, dist)
-    assert min(keeps) - EQ_BAND <= dist[0] <= max(keeps) + EQ_BAND, (keeps, dist)
-    accs = [a for _, a in single]
-    assert min(accs) - 0.5 <= dist[1] <= max(accs) + 0.5, (accs, dist)
+    assert max(single) < init - 0.1 and dist < init - 0.1, (init, single, dist)
+    assert min(single) - EQ_BAND <= dist <= max(single) + EQ_BAND, (single, dist)

@@ -10,8 +10,9 @@ Pre-training is plain next-token loss on fresh world samples (never the held-out
 video captions and QA, pseudo-videos and image captions (stage 1's material), single frames
 first (``binding_steps``: where the question-object binding forms), then variable frame counts
 (short clips first: an easy-to-hard order) and mild random token dropout on half the samples,
-as real MLLMs see many resolutions and frame counts. It never sees a selector's or the policy's masks. Training runs through the adapter's
-own masked path (``target_ce``), the one that later scores rollouts.
+as real MLLMs see many resolutions and frame counts. It never sees a selector's or the policy's
+masks. Training runs through the adapter's own masked path (``target_ce``), the one that later
+scores rollouts.
 
 Levers (``ReferenceConfig``; measurements in EXPERIMENTS.md): every target ends with ``<eos>``
 (``target_eos``) so greedy answers stop after the answer word; QA samples draw the question
@@ -93,7 +94,7 @@ def spec_hash(rcfg: ReferenceConfig, wcfg: WorldConfig) -> str:
 
 def frames_schedule(step: int, steps: int, max_frames: int, binding_steps: int = 0) -> list[int]:
     """Frame counts to draw from at ``step``. The first ``binding_steps`` are single frames (so
-    colour and shape questions only, 64 scenes a step): the question-object binding forms there
+    colour and shape questions only; 64 scenes a step with the default token budget): the question-object binding forms there
     (measured: shape questions 0.10 -> 0.83 between steps 100 and 500). Then short clips first,
     full-length videos by 40% of the remaining steps."""
     if step < binding_steps:
