@@ -11,7 +11,9 @@ pipeline depth (blocks in flight + ``learner.prefetch_batches``). Per learner st
 2. split advantages + clipped surrogate (``pipeline.trainer.advantages`` / ``surrogate`` on the
    DeepSpeed engine), ``engine.backward`` + ``engine.step`` (``timing/learn``; the client optimizer
    is ``torch.optim.AdamW`` - DeepSpeed's own Adam JIT-compiles C++ ops);
-3. rank 0 publishes weights ``v+1`` to the stage's PolicyStore (``timing/weight_sync``);
+3. rank 0 publishes weights ``v+1`` to the stage's PolicyStore (``timing/weight_sync``: the
+   call's serialization plus the wait for the previous publish's reply - one is in flight at a
+   time, so the store's work overlaps the next step);
 4. ``ray.train.report(metrics)`` on every rank; rank 0 writes the step's TensorBoard scalars.
 
 At the end rank 0 saves the policy (``save_pretrained``) to ``<stage dir>/policy`` and writes
@@ -39,6 +41,7 @@ DROPPED_SHAPE = "rollout/dropped_shape"  # cumulative records dropped: shape dif
 RETRIES = "rollout/retries"  # rollout batches retried after an actor died (cumulative)
 QUARANTINED = "data/quarantined"  # samples quarantined so far
 RECORDS = "rollout/records"  # records used this step
+CACHE_HIT = "rollout/cache_hit_rate"  # rollout actors' X / CE_full LRU hits per lookup (cumulative)
 CKPT_RETRIES = "checkpoint/upload_retries"  # cumulative upload retries (storage errors survived)
 CKPT_FAILURES = "checkpoint/failures"  # checkpoints given up after all retries (cumulative)
 CKPT_UPLOAD_S = "checkpoint/upload_s"  # seconds the last background upload took
@@ -53,11 +56,11 @@ def filter_stale(records: Sequence[Mapping[str, Any]], current_version: int, max
 
 
 def largest_shape_group(records: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], int]:
-    """Records of the most common ``(X, mask_bits)`` shape (one RolloutBatch needs one shape) and
-    how many others were left out."""
+    """Records of the most common ``(X, mask_bits)`` shape and state dtype (one RolloutBatch needs
+    one of each) and how many others were left out."""
     groups: dict[tuple, list] = {}
     for r in records:
-        groups.setdefault((np.shape(r["X"]), np.shape(r["mask_bits"])), []).append(r)
+        groups.setdefault((np.shape(r["X"]), np.shape(r["mask_bits"]), str(r.get("x_dtype", "float32"))), []).append(r)
     best = max(groups.values(), key=len) if groups else []
     return best, len(records) - len(best)
 
@@ -260,6 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, float]] = []
     exhausted = False
     t_last = time.perf_counter()
+    publishing = None  # the PolicyStore's reply to the last publish (rank 0)
     try:
         for step in range(start_step, scfg.steps):
             m: dict[str, float] = {}
@@ -317,8 +321,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             lag = float(version - rb.policy_version.float().mean())
             version += 1
             if rank == 0:
+                # one publish in flight: the state is serialized into the call here (so the next
+                # optimizer step cannot change it), and the store's reply is awaited only before
+                # the next publish, off this step's critical path
                 with timed(m, "weight_sync"):
-                    ray.get(store.publish.remote(version, engine.module.state_dict()), timeout=timeout)
+                    if publishing is not None:
+                        ray.get(publishing, timeout=timeout)
+                    publishing = store.publish.remote(version, engine.module.state_dict())
             # the ledger: every record taken off the stream this step, learned or dropped (counted)
             keys = [ledger_key(r.get("epoch", 0), r["sample_id"]) for r in records]
             learned = [k for r, k in zip(records, keys) if id(r) in used]
@@ -344,6 +353,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 tr.LR: lr, tr.VERSION: float(version), tr.VERSION_LAG: lag,
                 DROPPED_STALE: float(dropped_stale), DROPPED_SHAPE: float(dropped_shape), RECORDS: float(len(use)) * scale,
                 "timing/rollout": float(np.mean([float(r.get("rollout_s", 0.0)) for r in use])),
+                CACHE_HIT: float(np.mean([float(r.get("cache_hit_rate", 0.0)) for r in use])),
                 tr.ROLLOUTS_PER_S: len(use) * world * rb.group_size / max(now - t_last, 1e-9),
             })
             st = ckpts.writer.stats()
@@ -366,6 +376,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if due:  # TensorBoard is durable up to every checkpoint (a resume purges what follows)
                     writer.flush()
             ray.train.report({k: v for k, v in m.items() if np.isfinite(v)} | {"step": step})
+        if publishing is not None:  # the last version is in the store before the stage reports done
+            ray.get(publishing, timeout=timeout)
     finally:
         if writer is not None:
             writer.close()

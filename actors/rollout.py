@@ -14,9 +14,12 @@ here). Each actor loads the frozen MLLM once (``load_mllm(cfg.mllm)``), and for 
    restarts a dead pool actor, ``max_restarts=-1``, and retries its batch - gets ``attempt > 1``
    and is counted as a retry);
 3. runs :func:`pipeline.trainer.rollout` on each group of equal-length samples and yields the
-   rollout records columnar (``RolloutBatch.to_records`` layout) plus ``rollout_s`` (seconds the
-   group's rollout took), ``attempt``, ``actor`` (which replica made it) and ``epoch`` (the data
-   epoch the sample came from: the learner's consumed-sample ledger is kept per epoch), and, when
+   rollout records columnar (``RolloutBatch.to_records`` layout, ``X`` in ``rollout.state_dtype``:
+   the MLLM's own by default, so a bf16 model ships half of float32's bytes) plus ``rollout_s``
+   (seconds the group's rollout took), ``attempt``, ``actor`` (which replica made it), ``epoch``
+   (the data epoch the sample came from: the learner's consumed-sample ledger is kept per epoch),
+   ``cache_hit_rate`` (of the actor's LRU of ``X`` and ``CE_full``, ``rollout.cache_mb``: a sample
+   seen again skips the vision tower and the all-tokens scoring row), and, when
    ``learner.image_every > 0``, ``thumb`` (uint8 ``[T, s, s, 3]`` frames of ``learner.image_size``
    pixels for the learner's TensorBoard mask overlays).
 
@@ -102,6 +105,14 @@ def gate_slack_batches(world: int, max_staleness: int, prefetch_batches: int) ->
     return max(0, need - int(max_staleness) * int(world))
 
 
+def cache_hit_rate(cache: Any) -> float:
+    """Hits / lookups of an actor's :class:`~pipeline.cache.ByteLRU` so far (0 without one)."""
+    if cache is None:
+        return 0.0
+    st = cache.stats()
+    return st["hits"] / max(1, st["hits"] + st["misses"])
+
+
 class RolloutWorker:
     """``map_batches`` callable: sample batch (numpy columns) -> rollout record batches."""
 
@@ -124,6 +135,14 @@ class RolloutWorker:
         self.actor = f"{os.getpid()}"
         self.thumb_size = self.cfg.learner.image_size if self.cfg.learner.image_every > 0 else 0
         self.batches = 0
+        # what does not depend on the policy (X, CE_full), across this actor's batches and epochs
+        from pipeline.cache import ByteLRU
+        from pipeline.trainer import STATE_DTYPES
+
+        mb = float(self.cfg.rollout.cache_mb)
+        self.cache = ByteLRU(int(mb * 2**20)) if mb > 0 else None
+        name = self.cfg.rollout.state_dtype
+        self.state_dtype = self.adapter.dtype if name == "auto" else STATE_DTYPES[name]
         # staleness gate: rows one learner update consumes (every rank takes batch_size rows per
         # step), and the batches the learner's input split holds back (see gate_slack_batches)
         world = int(self.cfg.learner.num_workers)
@@ -217,11 +236,14 @@ class RolloutWorker:
             gids = [str(s["sample_id"]) for s in group]
             gen = step_generator(self.seed, (zlib.crc32(",".join(gids).encode()) << 20) + version)
             t0 = time.perf_counter()
-            rb = rollout(self.adapter, self.policy, group, self.stage_cfg, gen, version, seed=self.seed)
+            rb = rollout(self.adapter, self.policy, group, self.stage_cfg, gen, version, seed=self.seed,
+                         cache=self.cache, state_dtype=self.state_dtype)
             dt = time.perf_counter() - t0
             recs = rb.to_records()
+            hit = cache_hit_rate(self.cache)
             for s, r in zip(group, recs):  # same order as the group
-                r.update(rollout_s=dt, attempt=attempt, actor=self.actor, epoch=int(s.get("epoch", 0)))
+                r.update(rollout_s=dt, attempt=attempt, actor=self.actor, epoch=int(s.get("epoch", 0)),
+                         cache_hit_rate=hit)
                 if self.thumb_size:  # small frames for the learner's mask-overlay images
                     r["thumb"] = np.stack([resize_rgb(f, self.thumb_size) for f in np.asarray(s["frames"])])
             self.batches += 1

@@ -404,7 +404,9 @@ def bench_actors(s: dict, cfg, in_process_seq_s: float | None) -> dict[str, Any]
 
             self.w = RolloutWorker(cfg_dump, "real_video", store, seed=0)
 
-        def run(self, *batches: dict) -> tuple[int, float, float]:  # top-level refs arrive resolved
+        def run(self, *batches: dict, cold: bool = True) -> tuple[int, float, float]:  # refs arrive resolved
+            if cold and self.w.cache is not None:  # as on a sample's first epoch
+                self.w.cache.clear()
             t0, c0 = time.perf_counter(), time.process_time()
             n = 0
             for b in batches:
@@ -426,6 +428,8 @@ def bench_actors(s: dict, cfg, in_process_seq_s: float | None) -> dict[str, Any]
         t0 = time.perf_counter()
         n1, busy1, cpu1 = ray.get(actors[0].run.remote(*batches), timeout=1200)
         t1 = time.perf_counter() - t0
+        # the same batches again (a second data epoch): X and CE_full come from the actor's LRU
+        _, busy_warm, cpu_warm = ray.get(actors[0].run.remote(*batches, cold=False), timeout=1200)
         t0 = time.perf_counter()
         res = ray.get([actors[0].run.remote(*batches[: nb // 2]), actors[1].run.remote(*batches[nb // 2:])], timeout=1200)
         t2 = time.perf_counter() - t0
@@ -438,6 +442,8 @@ def bench_actors(s: dict, cfg, in_process_seq_s: float | None) -> dict[str, Any]
         "batches": nb, "B": B, "G": G, "startup_s": round(start_s, 2),
         "one_actor_seq_s": round(seqs / t1, 1), "two_actors_seq_s": round(seqs / t2, 1),
         "scaling_2_vs_1": round(t1 / t2, 3), "one_actor_busy_s": round(busy1, 2), "one_actor_cpu_s": round(cpu1, 2),
+        "one_actor_seq_per_cpu_s_cached": round(n1 * G / cpu_warm, 1),
+        "cache_gain_cpu": round(cpu1 / cpu_warm, 3), "cache_gain_wall": round(busy1 / busy_warm, 3),
         "per_actor_seq_s_in_ray": round(n1 * G / busy1, 1), "per_actor_seq_per_cpu_s": round(n1 * G / cpu1, 1),
         # like for like: the actor's CPU time against the in-process rollout's (CPU-clock) time
         "actor_overhead_vs_in_process": (round(in_process_seq_s / (n1 * G / cpu1) - 1, 4)
@@ -447,8 +453,8 @@ def bench_actors(s: dict, cfg, in_process_seq_s: float | None) -> dict[str, Any]
     ov = out["actor_overhead_vs_in_process"]
     ov_s = "-" if ov is None else f"{100 * ov:+.1f}%"
     say(f"[actors] 1 actor {out['one_actor_seq_s']:.0f} seq/s, 2 actors {out['two_actors_seq_s']:.0f} seq/s "
-        f"(x{out['scaling_2_vs_1']:.2f}); actor vs in-process rollout {ov_s}; start-up (model load + first "
-        f"batch) {start_s:.1f}s")
+        f"(x{out['scaling_2_vs_1']:.2f}); actor vs in-process rollout {ov_s}; second epoch from the actor's "
+        f"X/CE_full cache x{out['cache_gain_cpu']:.2f} (CPU time); start-up (model load + first batch) {start_s:.1f}s")
     return out
 
 
@@ -475,11 +481,13 @@ def bench_weight_sync(s: dict, lm_widths: dict[str, int]) -> dict[str, Any]:
             replica = init_policy(D, pcfg, 1)
             sd = pol.state_dict()
             mb = sum(v.numel() * v.element_size() for v in sd.values()) / 2**20
-            pubs, pulls = [], []
+            pubs, calls, pulls = [], [], []
             for _ in range(max(3, s["repeats"] + 2)):
                 version += 1
                 t0 = time.perf_counter()
-                ray.get(store.publish.remote(version, sd), timeout=120)
+                ref = store.publish.remote(version, sd)
+                calls.append(time.perf_counter() - t0)  # what the learner's step now waits for
+                ray.get(ref, timeout=120)
                 pubs.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 v, state = ray.get(store.latest_if_newer.remote(version - 1), timeout=120)
@@ -489,24 +497,38 @@ def bench_weight_sync(s: dict, lm_widths: dict[str, int]) -> dict[str, Any]:
             name = "score-tiny demo policy" if D == 128 else f"default policy, D={D}"
             rows.append({"policy": name, "D": D, "params": pol.num_params(), "mb": round(mb, 2),
                          "publish_ms": round(1e3 * float(np.median(pubs)), 2),
+                         "publish_call_ms": round(1e3 * float(np.median(calls)), 2),
                          "pull_ms": round(1e3 * float(np.median(pulls)), 2)})
-            say(f"[weight_sync] {name}: {mb:.2f} MB, publish {rows[-1]['publish_ms']:.1f} ms, pull+load "
+            say(f"[weight_sync] {name}: {mb:.2f} MB, publish {rows[-1]['publish_ms']:.1f} ms (the call alone "
+                f"{rows[-1]['publish_call_ms']:.1f} ms), pull+load "
                 f"{rows[-1]['pull_ms']:.1f} ms per version")
-        # state tensors (X) that each rollout record carries through the object store
-        B = s["B"]
-        rec = {"X": np.random.default_rng(0).standard_normal((B, 16, 16, 128), dtype=np.float32)}
-        t0 = time.perf_counter()
-        for _ in range(5):
-            ray.get(ray.put(rec))
-        put_get_mb_s = 5 * rec["X"].nbytes / 2**20 / (time.perf_counter() - t0)
-        state = {"score-tiny (16x16x128)": 16 * 16 * 128 * 4}
+        # the state X one rollout record carries through the object store, as the records encode
+        # it (pipeline.trainer.state_to_numpy): float32, or a bf16 MLLM's own dtype
+        from pipeline.trainer import state_from_numpy, state_to_numpy
+
+        D0 = min(lm_widths.values()) if lm_widths else 128
+        X = torch.randn(32, 196, D0)
+        transfer: dict[str, float] = {}
+        for dt in (torch.float32, torch.bfloat16):
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                arr, name = state_to_numpy(X.to(dt))
+                back = state_from_numpy(np.array(ray.get(ray.put(arr))), name)
+                times.append(time.perf_counter() - t0)
+            assert back.dtype == dt
+            transfer[name] = round(1e3 * float(np.median(times)), 1)
+        state = {"score-tiny (16x16x128)": 16 * 16 * 128}
         for name, D in lm_widths.items():
-            state[f"{name} (32x196x{D})"] = 32 * 196 * D * 4
-        state_mb = {k: round(v / 2**20, 3) for k, v in state.items()}
+            state[f"{name} (32x196x{D})"] = 32 * 196 * D
+        state_mb = {k: {"float32": round(4 * v / 2**20, 3), "bfloat16": round(2 * v / 2**20, 3)} for k, v in state.items()}
     finally:
         ray.kill(store)
-    say(f"[weight_sync] X per rollout record (float32): " + ", ".join(f"{k} {v} MB" for k, v in state_mb.items()))
-    return {"rows": rows, "state_mb_per_record": state_mb, "object_store_put_get_mb_s": round(put_get_mb_s, 1)}
+    say(f"[weight_sync] X per rollout record (float32 / bfloat16): "
+        + ", ".join(f"{k} {v['float32']} / {v['bfloat16']} MB" for k, v in state_mb.items())
+        + f"; encode + put + get + decode of a 32x196x{D0} state: float32 {transfer['float32']} ms, "
+        f"bfloat16 {transfer['bfloat16']} ms")
+    return {"rows": rows, "state_mb_per_record": state_mb, "state_transfer_ms": transfer, "state_transfer_D": D0}
 
 
 # =============================================================================================
@@ -701,6 +723,7 @@ def headline(res: dict) -> dict[str, Any]:
         h["scoring_speedup_padding_aware_cached"] = {str(r["keep_ratio"]): r["speedup_packed_cached"] for r in sc["rows"]}
     if res.get("actors"):
         h["actors_scaling_2_vs_1"] = res["actors"]["scaling_2_vs_1"]
+        h["actor_cache_gain_2nd_epoch"] = res["actors"]["cache_gain_cpu"]
     if res.get("stage"):
         st = res["stage"]
         h["learner_data_wait_steady"] = st["learner_data_wait"]["steady"]
@@ -785,20 +808,26 @@ def markdown(res: dict, command: str, s: dict) -> str:
               f"at the end of this section: {a.get('load_avg')}). Per CPU-second: masked sequences per second of the "
               "actor process's own CPU time, compared with the in-process rollout of section 2 (same B, G, model).", "",
               md_table(["batches (B x G)", "1 actor seq/s", "2 actors seq/s", "2 vs 1", "per-actor seq/s (busy, wall)",
-                        "per-actor seq per CPU-second", "actor vs in-process rollout (CPU time)", "start-up s"],
+                        "per-actor seq per CPU-second", "same, 2nd epoch (X / CE_full cached)",
+                        "actor vs in-process rollout (CPU time)", "start-up s"],
                        [[f"{a['batches']} ({a['B']} x {a['G']})", fmt(a["one_actor_seq_s"], ".0f"),
                          fmt(a["two_actors_seq_s"], ".0f"), f"x{a['scaling_2_vs_1']:.2f}",
                          fmt(a["per_actor_seq_s_in_ray"], ".0f"), fmt(a.get("per_actor_seq_per_cpu_s"), ".0f"),
+                         f"{fmt(a.get('one_actor_seq_per_cpu_s_cached'), '.0f')} (x{a['cache_gain_cpu']:.2f})",
                          "-" if ov is None else f"{100 * ov:+.1f}%", fmt(a["startup_s"], ".1f")]]), ""]
     ws = res.get("weight_sync")
     if ws:
         L += ["## 4. Weight sync and state bytes", "",
-              md_table(["policy", "params", "MB", "publish ms", "pull + load ms"],
+              "`publish ms`: the call and the store's reply; `publish call ms`: the call alone, which is what the "
+              "learner's step waits for now that the reply is awaited only before the next publish.", "",
+              md_table(["policy", "params", "MB", "publish ms", "publish call ms", "pull + load ms"],
                        [[r["policy"], r["params"], fmt(r["mb"], ".2f"), fmt(r["publish_ms"], ".1f"),
-                         fmt(r["pull_ms"], ".1f")] for r in ws["rows"]]), "",
-              "Visual-token state `X` each rollout record carries (float32) through the object store: "
-              + ", ".join(f"{k}: {v} MB" for k, v in ws["state_mb_per_record"].items())
-              + f" (object-store put+get here: {ws['object_store_put_get_mb_s']:.0f} MB/s).", ""]
+                         fmt(r.get("publish_call_ms"), ".1f"), fmt(r["pull_ms"], ".1f")] for r in ws["rows"]]), "",
+              "Visual-token state `X` each rollout record carries through the object store (`rollout.state_dtype`: "
+              "float32, or bfloat16 - the default for a bf16 MLLM, whose features are bf16 already): "
+              + ", ".join(f"{k}: {v['float32']} / {v['bfloat16']} MB" for k, v in ws["state_mb_per_record"].items())
+              + f". Encode + `ray.put` + `ray.get` + decode of one 32x196x{ws['state_transfer_D']} state: float32 "
+              f"{ws['state_transfer_ms']['float32']} ms, bfloat16 {ws['state_transfer_ms']['bfloat16']} ms.", ""]
     d = res.get("data")
     if d:
         need = d.get("rollout_consumes_samples_s")

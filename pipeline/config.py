@@ -185,6 +185,9 @@ class RolloutConfig(_Strict):
     num_cpus: float = Field(0.5, gt=0, description="fractional here: a pool of 1-CPU actors cannot grow on 2 CPUs")
     num_gpus: float = Field(0.0, ge=0)
     max_staleness: int = Field(2, ge=0, description="max policy versions a rollout may lag")
+    cache_mb: float = Field(1024.0, ge=0, description="per-actor LRU of the vision features X and CE_full, MiB (0: none)")
+    state_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype X travels in to the learner (and the policy reads): auto = the MLLM's own")
 
     @model_validator(mode="after")
     def _check(self) -> "RolloutConfig":

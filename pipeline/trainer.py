@@ -28,7 +28,9 @@ Rollout record (one per sample; numpy/str/int only, so it travels as a Ray Data 
 
     sample_id       str
     policy_version  int         policy version that drew the masks
-    X               float32     [T', N, D]  visual tokens (the learner's state; R, u are derived)
+    X               float32     [T', N, D]  visual tokens (the learner's state; R, u are derived);
+                                float16, or bfloat16 as its raw bits in int16, per x_dtype
+    x_dtype         str         "float32" | "float16" | "bfloat16" (rollout.state_dtype)
     grid            int64       [2] (gh, gw), N = gh*gw
     mask_bits       uint8       [G, ceil(M/8)]  pack_masks, little bit order, M = T'*N
     num_tokens      int         M
@@ -51,11 +53,12 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, MutableMapping, Sequence
 
 import numpy as np
 import torch
 
+from pipeline.cache import ByteLRU
 from pipeline.config import Config, DataConfig, PolicyConfig, StageConfig, WorldConfig
 from pipeline.data.prompts import CAPTION_PROMPT, qa_prompt
 from pipeline.loss import clipped_surrogate_loss
@@ -142,13 +145,35 @@ def select_target(sample: Mapping[str, Any], seed: int = 0) -> tuple[str, str]:
 # rollout
 
 
+STATE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def state_to_numpy(X: Tensor) -> tuple[np.ndarray, str]:
+    """``(array, dtype name)`` of a state tensor for a rollout record: float32/float16 as they are,
+    bfloat16 (which numpy lacks) as its raw 16 bits in ``int16`` - half the bytes, no rounding."""
+    X = X.detach().to("cpu")
+    if X.dtype == torch.bfloat16:
+        return X.view(torch.int16).numpy(), "bfloat16"
+    if X.dtype not in (torch.float32, torch.float16):
+        X = X.float()
+    return X.numpy(), str(X.dtype).removeprefix("torch.")
+
+
+def state_from_numpy(a: np.ndarray, dtype: str) -> Tensor:
+    """Inverse of :func:`state_to_numpy` (``a`` must be writable: torch shares its memory)."""
+    if dtype not in STATE_DTYPES:
+        raise ValueError(f"rollout record: unknown x_dtype {dtype!r} (expected one of {sorted(STATE_DTYPES)})")
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t.to(STATE_DTYPES[dtype])
+
+
 @dataclass
 class RolloutBatch:
     """B samples x G rollouts. Tensors on CPU except ``X`` (the adapter's device and dtype)."""
 
     sample_ids: list[str]
     policy_version: Tensor  # [B] int64
-    X: Tensor  # [B, T', N, D]
+    X: Tensor  # [B, T', N, D] the state (float32, or the rollout's state_dtype)
     grid: tuple[int, int]  # (gh, gw)
     masks: PackedMasks  # bits [B, G, ceil(M/8)]
     old_logits: Tensor  # [B, M] float32
@@ -177,7 +202,7 @@ class RolloutBatch:
 
     def to_records(self) -> list[dict[str, Any]]:
         """One rollout record per sample (layout in the module doc)."""
-        X = self.X.detach().to("cpu", torch.float32).numpy()
+        X, x_dtype = state_to_numpy(self.X)
         bits = self.masks.bits.numpy()
         out = []
         for b, sid in enumerate(self.sample_ids):
@@ -185,6 +210,7 @@ class RolloutBatch:
                 "sample_id": sid,
                 "policy_version": int(self.policy_version[b]),
                 "X": X[b],
+                "x_dtype": x_dtype,
                 "grid": np.asarray(self.grid, dtype=np.int64),
                 "mask_bits": bits[b],
                 "num_tokens": self.num_tokens,
@@ -203,7 +229,8 @@ class RolloutBatch:
         """Stack records of one shape (same T', N, D, G) back into a batch."""
         if not records:
             raise ValueError("from_records: no records")
-        shapes = {(np.shape(r["X"]), np.shape(r["mask_bits"]), int(r["num_tokens"])) for r in records}
+        shapes = {(np.shape(r["X"]), np.shape(r["mask_bits"]), int(r["num_tokens"]), str(r.get("x_dtype", "float32")))
+                  for r in records}
         if len(shapes) > 1:
             raise ValueError(f"from_records: records of different shapes cannot form one batch: {sorted(shapes)}")
         grids = {tuple(int(g) for g in r["grid"]) for r in records}
@@ -217,7 +244,7 @@ class RolloutBatch:
         return cls(
             sample_ids=[str(r["sample_id"]) for r in records],
             policy_version=torch.tensor([int(r["policy_version"]) for r in records], dtype=torch.long),
-            X=f32("X"),
+            X=state_from_numpy(np.stack([np.asarray(r["X"]) for r in records]), str(records[0].get("x_dtype", "float32"))),
             grid=next(iter(grids)),  # type: ignore[arg-type]
             masks=PackedMasks(bits, int(records[0]["num_tokens"])),
             old_logits=f32("old_logits"),
@@ -230,7 +257,7 @@ class RolloutBatch:
         )
 
 
-def encode_sample(adapter: Any, sample: Mapping[str, Any], cache: dict[str, Tensor] | None = None) -> Tensor:
+def encode_sample(adapter: Any, sample: Mapping[str, Any], cache: MutableMapping[Any, Tensor] | None = None) -> Tensor:
     """``X[T', N, D]`` of a sample, from ``cache`` (keyed by sample id) when present."""
     sid = str(sample["sample_id"])
     if cache is not None and sid in cache:
@@ -308,12 +335,17 @@ def rollout(
     policy_version: int = 0,
     *,
     seed: int = 0,
-    cache: dict[Any, Tensor] | None = None,
+    cache: MutableMapping[Any, Tensor] | None = None,
+    state_dtype: torch.dtype | None = None,
 ) -> RolloutBatch:
     """Group rollouts for samples of one length (see module doc). ``generator``: a CPU generator
     (masks are drawn on CPU from CPU logits, the same on every device). ``seed`` picks the QA pair.
-    ``cache``: what does not depend on the policy, kept across steps and epochs: ``X`` under the
-    sample id, ``CE_full`` under ``("ce_full", sample id, prompt, target)``."""
+    ``cache``: what does not depend on the policy, kept across steps and epochs (a dict or a
+    :class:`pipeline.cache.ByteLRU`): ``X`` under the sample id, ``CE_full`` under
+    ``("ce_full", sample id, prompt, target)``. ``state_dtype``: the dtype the state ``X`` is
+    returned in (what travels to the learner); the policy reads the state in that dtype too, so
+    the behaviour logits are the ones the learner recomputes, while the MLLM scores the original
+    ``X``."""
     if not samples:
         raise ValueError("rollout: no samples")
     Xs = [encode_sample(adapter, s, cache) for s in samples]
@@ -326,8 +358,9 @@ def rollout(
     _, gh, gw = adapter.visual_grid(T)  # (gh, gw) do not depend on the frame count
     pt = [select_target(s, seed) for s in samples]
     prompts, targets = [p for p, _ in pt], [t for _, t in pt]
+    state = X if state_dtype is None else X.to(state_dtype)
     dev = next(policy.parameters()).device
-    logits = policy(X.to(dev), (gh, gw)).float().cpu()  # [B, M]
+    logits = policy(state.to(dev), (gh, gw)).float().cpu()  # [B, M]
     G = stage_cfg.group_size
     masks = sample_masks(logits, G, generator)  # [B, G, M] bool
     # CE_full does not depend on the policy: cached per (sample, prompt, target) across epochs
@@ -342,7 +375,7 @@ def rollout(
     return RolloutBatch(
         sample_ids=[str(s["sample_id"]) for s in samples],
         policy_version=torch.full((B,), int(policy_version), dtype=torch.long),
-        X=X,
+        X=state,
         grid=(int(gh), int(gw)),
         masks=pack_masks(masks),
         old_logits=logits,
@@ -459,7 +492,7 @@ def train_step(
     step: int,
     *,
     seed: int,
-    cache: dict[str, Tensor] | None = None,
+    cache: MutableMapping[Any, Tensor] | None = None,
 ) -> dict[str, float]:
     """One step: rollout with the current weights (version ``step``) -> one learner update."""
     m: dict[str, float] = {}
@@ -533,7 +566,7 @@ def train_stage(
     start_step: int = 0,
     *,
     name: str = "stage",
-    cache: dict[str, Tensor] | None = None,
+    cache: MutableMapping[Any, Tensor] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
     log: Callable[[str], Any] | None = print,
@@ -788,7 +821,7 @@ def train_curriculum_local(
         writer = MetricsWriter(out / "tensorboard" / stage) if tensorboard else None
         try:
             s = train_stage(adapter, policy, samples, scfg, stage_seed(seed, stage), writer, name=stage,
-                            cache={}, progress=progress, log=log)
+                            cache=ByteLRU(int(cfg.rollout.cache_mb * 2**20)), progress=progress, log=log)
         finally:
             if writer is not None:
                 writer.close()

@@ -165,7 +165,12 @@ def test_benchmark_quick_end_to_end(tmp_path):
     # 3. actors, 4. weight sync, 5. data, 6. stage
     a = s["actors"]
     assert finite_pos(a["one_actor_seq_s"]) and finite_pos(a["two_actors_seq_s"]) and finite_pos(a["scaling_2_vs_1"])
-    assert all(finite_pos(r["publish_ms"]) and finite_pos(r["pull_ms"]) for r in s["weight_sync"]["rows"])
+    assert finite_pos(a["cache_gain_cpu"])
+    ws = s["weight_sync"]
+    assert all(finite_pos(r["publish_ms"]) and finite_pos(r["pull_ms"]) for r in ws["rows"])
+    assert all(0 < r["publish_call_ms"] <= r["publish_ms"] for r in ws["rows"])
+    for v in ws["state_mb_per_record"].values():
+        assert v["bfloat16"] * 2 == pytest.approx(v["float32"], abs=2e-3)
     for k in ("pseudo_ray_data", "video_ray_data", "video_decode_in_process", "world_synthesis_in_process"):
         assert s["data"][k]["clips"] > 0 and finite_pos(s["data"][k]["clips_s"]), k
     st = s["stage"]

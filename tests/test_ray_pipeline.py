@@ -108,6 +108,7 @@ def test_policy_store_and_rollout_worker(ray_cluster, assets):
         assert len(out) == 1 and list(out[0]["policy_version"]) == [0, 0] and list(out[0]["attempt"]) == [1, 1]
         rb = RolloutBatch.from_records(columns_to_records(out[0]))
         assert rb.size == 2 and rb.group_size == 4 and rb.X.shape == (2, 4, 4, 32)
+        assert list(out[0]["cache_hit_rate"]) == [0.0, 0.0]  # the actor's X / CE_full cache starts empty
 
         pol = init_policy(32, cfg.policy, 0)
         with torch.no_grad():
@@ -120,6 +121,9 @@ def test_policy_store_and_rollout_worker(ray_cluster, assets):
         r2 = columns_to_records(out2[0])
         assert [int(r["policy_version"]) for r in r2] == [1, 1] and [int(r["attempt"]) for r in r2] == [2, 2]
         assert float(np.mean(r2[0]["old_logits"])) < -2.0
+        # X and CE_full came from the actor's cache (2 + 2 hits of 8 lookups), the same values
+        assert r2[0]["cache_hit_rate"] == 0.5 and np.array_equal(r2[0]["X"], out[0]["X"][0])
+        assert r2[0]["ce_full"] == out[0]["ce_full"][0]
         assert ray.get(store.retries.remote(), timeout=30) == 1
         # the same samples in the next data epoch are a new batch, not a retry (real videos keep
         # their ids across epochs: counted as retries they used to bypass the staleness gate)

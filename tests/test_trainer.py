@@ -126,6 +126,42 @@ def test_rollout_batch_is_consistent(llava):
     assert torch.equal(back.unpacked_masks(), masks) and torch.equal(back.dce, b.dce) and back.grid == b.grid
     assert torch.equal(back.X, b.X.float()) and back.policy_version.tolist() == [7] * B
 
+    # a bf16 state (rollout.state_dtype): half the bytes in the record, the same bits back, and
+    # the behaviour logits are the policy's on exactly that state (what the learner recomputes),
+    # while the CE are still the MLLM's on the full-precision X
+    bb = tr.rollout(llava, pol, samples, scfg, tr.step_generator(0, 0), 7, cache=cache, state_dtype=torch.bfloat16)
+    assert bb.X.dtype == torch.bfloat16 and torch.equal(unpack_masks(bb.masks), masks)
+    assert torch.allclose(bb.ce, b.ce, atol=1e-5)
+    rec16 = bb.to_records()
+    assert rec16[0]["x_dtype"] == "bfloat16" and rec16[0]["X"].nbytes * 2 == recs[0]["X"].nbytes
+    back16 = tr.RolloutBatch.from_records(rec16)
+    assert back16.X.dtype == torch.bfloat16 and torch.equal(back16.X, b.X.to(torch.bfloat16))
+    with torch.no_grad():
+        assert torch.equal(back16.old_logits, pol(back16.X, (2, 2)).float())
+    with pytest.raises(ValueError, match="different shapes"):  # one batch cannot mix state dtypes
+        tr.RolloutBatch.from_records([recs[0], rec16[1]])
+
+
+def test_byte_lru_bounds_bytes_and_counts():
+    from pipeline.cache import ByteLRU
+
+    c = ByteLRU(max_bytes=3 * 400)  # three 10x10 float32 tensors
+    for i in range(3):
+        c[i] = torch.zeros(10, 10)
+    assert c.stats() == {"entries": 3, "bytes": 1200, "hits": 0, "misses": 3, "evictions": 0}
+    _ = c[0]  # 0 is now the most recent: 1 goes first
+    c[3] = torch.zeros(10, 10)
+    assert list(c) == [2, 0, 3] and c.stats()["evictions"] == 1 and c.bytes == 1200
+    c[2] = torch.zeros(5, 10)  # replacing a key re-counts its bytes and is not a miss
+    assert c.bytes == 1000 and c.misses == 4 and c.hits == 1
+    c["big"] = torch.zeros(40, 10)  # larger than the whole budget: not kept, nothing evicted
+    assert "big" not in c and len(c) == 3
+    c.update({"x": torch.zeros(10, 10), "y": torch.zeros(2)})
+    assert list(c) == [3, 2, "x", "y"] and c.bytes == 1008 and c.evictions == 2  # 0 was the oldest
+    assert ByteLRU(0).stats()["entries"] == 0
+    with pytest.raises(ValueError):
+        ByteLRU(-1)
+
 
 def test_rollout_rejects_mixed_lengths(llava):
     pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)

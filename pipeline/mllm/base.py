@@ -150,6 +150,9 @@ class MLLMAdapter(ABC):
         self.pad_token_id = self._pad_id()
         lm = self.language_model
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        # token templates and full-sequence position maxima per (prompt, target, T', N): a rollout
+        # or an evaluation asks for the same few prompts thousands of times (read-only tensors)
+        self._memo: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ per-class hooks
     @property
@@ -297,7 +300,17 @@ class MLLMAdapter(ABC):
         before, after = prompt.split(self.video_placeholder)
         return before, after
 
+    def _memoised(self, key: tuple, make: Any) -> Any:
+        if key not in self._memo:
+            if len(self._memo) >= 4096:  # bounded: prompts are few, but a caller may vary them
+                self._memo.clear()
+            self._memo[key] = make()
+        return self._memo[key]
+
     def _template(self, prompt: str, target: str | None, t: int, n: int) -> _Template:
+        return self._memoised(("template", prompt, target, t, n), lambda: self._make_template(prompt, target, t, n))
+
+    def _make_template(self, prompt: str, target: str | None, t: int, n: int) -> _Template:
         before, after = self.split_prompt(prompt)
         pre = self._tokenize(before, bos=True) if before else self._bos_only()
         vid_ids, vid_slots = self._video_layout(t, n)
@@ -546,7 +559,10 @@ class MLLMAdapter(ABC):
 
     def _full_position_max(self, X: torch.Tensor, prompt: str) -> int:
         """Largest position id of the full (unpruned) prompt sequence."""
-        T, N = X.shape[0], X.shape[1]
+        T, N = int(X.shape[0]), int(X.shape[1])
+        return self._memoised(("position_max", prompt, T, N), lambda: self._position_max(prompt, T, N))
+
+    def _position_max(self, prompt: str, T: int, N: int) -> int:
         t = self._template(prompt, None, T, N)
         ids, slot = t.ids.unsqueeze(0).to(self.device), t.slot.unsqueeze(0).to(self.device)
         grid = (T, *self.visual_grid(self._frames_for(T))[1:])
