@@ -170,6 +170,7 @@ class StageConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clip before each optimizer step")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     score_max_tokens: int = Field(0, ge=0, description="padded visual tokens per adapter.score call when scoring rollouts (0: no limit; bounds activation memory)")
+    resample_qa: bool = Field(True, description="draw each video's QA pair again every data epoch (the question-agnostic policy must then keep what any question needs)")
 
 
 class StagesConfig(_Strict):

@@ -4,7 +4,8 @@ Built from small pieces that the Ray roles reuse (DESIGN.md sections 1-2):
 
 * **targets** - :func:`select_target`: pseudo-video -> ``(CAPTION_PROMPT, joined caption)``;
   video -> one QA pair ``(qa_prompt(question), answer)`` chosen by ``crc32(f"{seed}:{sample_id}")``
-  among its QA pairs, or its caption when it has none.
+  among its QA pairs (drawn again each data epoch with ``stage.resample_qa``), or its caption when
+  it has none.
 * **rollout** (rollout actors) - :func:`rollout`: encode (optionally cached by sample id), policy
   logits without grad, G Bernoulli masks per sample from a CPU ``torch.Generator``, padding-aware
   scoring (:func:`score_packed`: ``CE_full`` from the cache or its own batch, the ``B x G`` masked
@@ -127,13 +128,19 @@ def parse_qa(qa: Any) -> list[dict]:
     return [q for q in qa if isinstance(q, dict)]
 
 
-def select_target(sample: Mapping[str, Any], seed: int = 0) -> tuple[str, str]:
-    """``(prompt, target)`` the MLLM is scored on for this sample (see module doc)."""
+def select_target(sample: Mapping[str, Any], seed: int = 0, resample: bool = False) -> tuple[str, str]:
+    """``(prompt, target)`` the MLLM is scored on for this sample (see module doc). ``resample``
+    (``stage.resample_qa``): a video's data epoch ``e > 0`` (its ``epoch`` field) draws the QA pair
+    again with ``crc32(f"{seed}:{e}:{sample_id}")`` - the policy never sees the question, so over
+    the epochs it has to keep what every question about the video needs, not only the one asked
+    first."""
     kind = str(sample.get("kind", "video"))
     if kind != "pseudo_video":
         usable = [q for q in parse_qa(sample.get("qa")) if q.get("question") and q.get("answer")]
         if usable:
-            q = usable[zlib.crc32(f"{seed}:{sample['sample_id']}".encode()) % len(usable)]
+            epoch = int(sample.get("epoch", 0) or 0) if resample else 0
+            key = f"{seed}:{sample['sample_id']}" if epoch == 0 else f"{seed}:{epoch}:{sample['sample_id']}"
+            q = usable[zlib.crc32(key.encode()) % len(usable)]
             return qa_prompt(str(q["question"])), str(q["answer"])
     caption = sample.get("caption")
     if not isinstance(caption, str) or not caption.strip():
@@ -356,7 +363,7 @@ def rollout(
     X = torch.stack(Xs)  # [B, T', N, D]
     B, T, N, _ = X.shape
     _, gh, gw = adapter.visual_grid(T)  # (gh, gw) do not depend on the frame count
-    pt = [select_target(s, seed) for s in samples]
+    pt = [select_target(s, seed, stage_cfg.resample_qa) for s in samples]
     prompts, targets = [p for p, _ in pt], [t for _, t in pt]
     state = X if state_dtype is None else X.to(state_dtype)
     dev = next(policy.parameters()).device
@@ -706,7 +713,7 @@ def iter_videos_local(dcfg: DataConfig, *, epochs: int | None = None,
                 seen.add(ent["id"])
                 index.append(ent)
     bad: set[str] = set()
-    for _ in itertools.count() if epochs is None else range(epochs):
+    for epoch in itertools.count() if epochs is None else range(epochs):
         yielded = 0
         for rec in index:
             if rec["id"] in bad:
@@ -720,7 +727,7 @@ def iter_videos_local(dcfg: DataConfig, *, epochs: int | None = None,
             yielded += 1
             yield {"sample_id": "vid:" + v["id"], "kind": "video", "frames": v["frames"], "caption": v["caption"],
                    "qa": v["qa"], "objects": v["objects"], "segments": [0], "source_ids": [v["id"]],
-                   "source": rec.get("source", "")}
+                   "source": rec.get("source", ""), "epoch": epoch}
         if yielded == 0:
             raise ValueError(f"no usable video under {dcfg.video_shards!r}")
 

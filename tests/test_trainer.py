@@ -64,6 +64,11 @@ def test_select_target():
     picks = {tr.select_target({**v, "sample_id": f"vid:{i}"}, 0)[1] for i in range(20)}
     assert picks == {"red", "left"}  # spread over the QA pairs
     assert tr.select_target({**v, "qa": QA}, 3) == (p, t)  # list or JSON
+    # resample_qa: epoch 0 keeps the first draw, later epochs draw again (without it: fixed)
+    assert tr.select_target({**v, "epoch": 0}, 3, resample=True) == (p, t)
+    assert {tr.select_target({**v, "epoch": 5}, 3) for _ in range(2)} == {(p, t)}
+    drawn = {tr.select_target({**v, "epoch": e}, 3, resample=True)[1] for e in range(12)}
+    assert drawn == {"red", "left"}
     assert tr.select_target({**v, "qa": "[]"}) == (CAPTION_PROMPT, v["caption"])
     with pytest.raises(ValueError, match="neither QA nor a caption"):
         tr.select_target({**v, "qa": None, "caption": " "})
