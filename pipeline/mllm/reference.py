@@ -331,7 +331,8 @@ def pretrain(rcfg: ReferenceConfig, wcfg: WorldConfig, out: str | Path,
     for s in bar:
         m = trainer.step()
         ema = m["loss"] if ema is None else 0.98 * ema + 0.02 * m["loss"]
-        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{m['aux_loss']:.3f}", T=m["frames"], B=m["batch"])
+        # refresh=False: drawn at the bar's own interval (every step would bloat non-tty logs)
+        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{m['aux_loss']:.3f}", T=m["frames"], B=m["batch"], refresh=False)
         if evaluate is not None and (s + 1) % rcfg.eval_every == 0 and s + 1 < rcfg.steps:
             model.eval()
             res = evaluate(trainer.adapter)
