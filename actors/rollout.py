@@ -105,14 +105,6 @@ def gate_slack_batches(world: int, max_staleness: int, prefetch_batches: int) ->
     return max(0, need - int(max_staleness) * int(world))
 
 
-def cache_hit_rate(cache: Any) -> float:
-    """Hits / lookups of an actor's :class:`~pipeline.cache.ByteLRU` so far (0 without one)."""
-    if cache is None:
-        return 0.0
-    st = cache.stats()
-    return st["hits"] / max(1, st["hits"] + st["misses"])
-
-
 class RolloutWorker:
     """``map_batches`` callable: sample batch (numpy columns) -> rollout record batches."""
 
@@ -139,8 +131,7 @@ class RolloutWorker:
         from pipeline.cache import ByteLRU
         from pipeline.trainer import STATE_DTYPES
 
-        mb = float(self.cfg.rollout.cache_mb)
-        self.cache = ByteLRU(int(mb * 2**20)) if mb > 0 else None
+        self.cache = ByteLRU.from_mb(self.cfg.rollout.cache_mb)
         name = self.cfg.rollout.state_dtype
         self.state_dtype = self.adapter.dtype if name == "auto" else STATE_DTYPES[name]
         # staleness gate: rows one learner update consumes (every rank takes batch_size rows per
@@ -240,7 +231,7 @@ class RolloutWorker:
                          cache=self.cache, state_dtype=self.state_dtype)
             dt = time.perf_counter() - t0
             recs = rb.to_records()
-            hit = cache_hit_rate(self.cache)
+            hit = self.cache.hit_rate()
             for s, r in zip(group, recs):  # same order as the group
                 r.update(rollout_s=dt, attempt=attempt, actor=self.actor, epoch=int(s.get("epoch", 0)),
                          cache_hit_rate=hit)

@@ -405,7 +405,7 @@ def bench_actors(s: dict, cfg, in_process_seq_s: float | None) -> dict[str, Any]
             self.w = RolloutWorker(cfg_dump, "real_video", store, seed=0)
 
         def run(self, *batches: dict, cold: bool = True) -> tuple[int, float, float]:  # refs arrive resolved
-            if cold and self.w.cache is not None:  # as on a sample's first epoch
+            if cold:  # as on a sample's first epoch
                 self.w.cache.clear()
             t0, c0 = time.perf_counter(), time.process_time()
             n = 0

@@ -22,14 +22,19 @@ def nbytes(value: Any) -> int:
 
 
 class ByteLRU(MutableMapping):
-    """``dict``-like LRU holding at most ``max_bytes`` of tensors (``max_bytes=None``: unbounded).
+    """``dict``-like LRU holding at most ``max_bytes`` of tensors (0: keeps nothing).
 
     A read (``cache[k]``) counts a hit and refreshes ``k``; storing a new key counts a miss (the
     caller computed it). A value larger than the whole budget is not kept. :meth:`stats` gives
-    ``{entries, bytes, hits, misses, evictions}``."""
+    ``{entries, bytes, hits, misses, evictions}``, :meth:`hit_rate` hits per lookup."""
 
-    def __init__(self, max_bytes: int | None = None):
-        if max_bytes is not None and max_bytes < 0:
+    @classmethod
+    def from_mb(cls, mb: float) -> "ByteLRU":
+        """The cache of a ``rollout.cache_mb`` budget (MiB)."""
+        return cls(int(float(mb) * 2**20))
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
             raise ValueError(f"ByteLRU: max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self._data: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
@@ -48,11 +53,11 @@ class ByteLRU(MutableMapping):
             self.bytes -= self._data.pop(key)[1]
         else:
             self.misses += 1
-        if self.max_bytes is not None and size > self.max_bytes:
+        if size > self.max_bytes:
             return
         self._data[key] = (value, size)
         self.bytes += size
-        while self.max_bytes is not None and self.bytes > self.max_bytes:
+        while self.bytes > self.max_bytes:
             _, (_, s) = self._data.popitem(last=False)
             self.bytes -= s
             self.evictions += 1
@@ -68,6 +73,10 @@ class ByteLRU(MutableMapping):
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def hit_rate(self) -> float:
+        """Hits / lookups so far (0 before the first)."""
+        return self.hits / max(1, self.hits + self.misses)
 
     def stats(self) -> dict[str, int]:
         return {"entries": len(self._data), "bytes": self.bytes, "hits": self.hits, "misses": self.misses,

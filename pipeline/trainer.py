@@ -828,7 +828,7 @@ def train_curriculum_local(
         writer = MetricsWriter(out / "tensorboard" / stage) if tensorboard else None
         try:
             s = train_stage(adapter, policy, samples, scfg, stage_seed(seed, stage), writer, name=stage,
-                            cache=ByteLRU(int(cfg.rollout.cache_mb * 2**20)), progress=progress, log=log)
+                            cache=ByteLRU.from_mb(cfg.rollout.cache_mb), progress=progress, log=log)
         finally:
             if writer is not None:
                 writer.close()

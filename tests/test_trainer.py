@@ -163,7 +163,8 @@ def test_byte_lru_bounds_bytes_and_counts():
     assert "big" not in c and len(c) == 3
     c.update({"x": torch.zeros(10, 10), "y": torch.zeros(2)})
     assert list(c) == [3, 2, "x", "y"] and c.bytes == 1008 and c.evictions == 2  # 0 was the oldest
-    assert ByteLRU(0).stats()["entries"] == 0
+    assert c.hit_rate() == 1 / 8  # 1 read, 7 stores of new keys
+    assert ByteLRU(0).stats()["entries"] == 0 and ByteLRU.from_mb(1.5).max_bytes == 3 * 2**19
     with pytest.raises(ValueError):
         ByteLRU(-1)
 
