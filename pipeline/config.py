@@ -171,6 +171,14 @@ class StageConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     score_max_tokens: int = Field(0, ge=0, description="padded visual tokens per adapter.score call when scoring rollouts (0: no limit; bounds activation memory)")
     resample_qa: bool = Field(True, description="draw each video's QA pair again every data epoch (the question-agnostic policy must then keep what any question needs)")
+    rollout_budget: tuple[float, float] | None = Field(
+        None, description="[lo, hi] retention: shift each sample's logits so its masks keep r*M tokens on average, r ~ U[lo, hi] (the policy learns the ranking top-K reads); null: plain Bernoulli(sigmoid(z))")
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> "StageConfig":
+        if self.rollout_budget is not None and not 0 < self.rollout_budget[0] <= self.rollout_budget[1] < 1:
+            raise ValueError(f"rollout_budget must be [lo, hi] with 0 < lo <= hi < 1, got {list(self.rollout_budget)}")
+        return self
 
 
 class StagesConfig(_Strict):
@@ -292,6 +300,16 @@ def _format_error(err: ValidationError) -> str:
     return f"config: {key}: {msg}{shown}"
 
 
+def _unshared(x: Any) -> Any:
+    """A copy with no shared containers: a YAML alias (``real_video: *stage``) loads as the SAME dict
+    as its anchor, and an override of one stage would silently change the other too."""
+    if isinstance(x, dict):
+        return {k: _unshared(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unshared(v) for v in x]
+    return x
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotted overrides, validated. Raises :class:`ConfigError`."""
     tree: dict[str, Any] = {}
@@ -305,7 +323,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config: {p}: not valid YAML ({e.__class__.__name__})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {p}: top level must be a mapping")
-        tree = loaded
+        tree = _unshared(loaded)
     for item in overrides or []:
         _set_dotted(tree, *parse_override(item))
     try:

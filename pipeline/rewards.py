@@ -95,6 +95,31 @@ def sample_masks(
     return masks
 
 
+def budget_shift(logits: Tensor, kept: Tensor, iters: int = 60) -> Tensor:
+    """Per-sample logit shift ``b`` with ``sum_i sigmoid(z_i + b) = kept`` (expected kept tokens).
+
+    ``logits[B, M]``, ``kept[B]`` in ``(0, M)`` -> ``b[B]`` float32. Bisection in float64 (the sum is
+    increasing in ``b``); ``iters`` halvings of a bracket of width ``range(z) + 80`` leave an error far
+    below a token. A shift changes no ranking, so ``Bernoulli(sigmoid(z + b))`` rollouts keep about
+    ``kept`` tokens while the policy still only decides WHICH ones: what top-K inference reads.
+    """
+    if logits.dim() != 2 or kept.shape != logits.shape[:1]:
+        raise ValueError(f"logits [B, M] and kept [B] expected, got {tuple(logits.shape)} and {tuple(kept.shape)}")
+    z = logits.detach().double()
+    k = kept.detach().double().to(z.device)
+    m = z.shape[1]
+    if not bool(torch.isfinite(z).all()) or not bool(((k > 0) & (k < m)).all()):
+        raise ValueError(f"budget_shift: needs finite logits and 0 < kept < M = {m}")
+    lo = -z.amax(-1) - 40.0
+    hi = -z.amin(-1) + 40.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        over = torch.sigmoid(z + mid[:, None]).sum(-1) > k
+        hi = torch.where(over, mid, hi)
+        lo = torch.where(over, lo, mid)
+    return ((lo + hi) / 2).float()
+
+
 def sparsity(masks: Tensor, valid: Tensor | None = None) -> Tensor:
     """``rho = 1 - kept / M_visual`` per mask: ``masks[B, G, M]`` (+ ``valid[B, M]``) -> ``[B, G]``."""
     m = masks.to(torch.bool)

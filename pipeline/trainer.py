@@ -35,12 +35,13 @@ Rollout record (one per sample; numpy/str/int only, so it travels as a Ray Data 
     grid            int64       [2] (gh, gw), N = gh*gw
     mask_bits       uint8       [G, ceil(M/8)]  pack_masks, little bit order, M = T'*N
     num_tokens      int         M
-    old_logits      float32     [M]  behaviour-policy logits (log-probs follow per mask)
+    old_logits      float32     [M]  behaviour-policy logits, shift included (log-probs follow per mask)
     dce             float32     [G]  CE_full + tau - CE_g
     rho             float32     [G]  1 - kept/M
     ce              float32     [G]  CE_g
     ce_full         float       CE with every visual token
     prompt, target  str
+    logit_shift     float       b added to the policy's logits for this sample (stage.rollout_budget; else 0)
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ from pipeline.data.prompts import CAPTION_PROMPT, qa_prompt
 from pipeline.loss import clipped_surrogate_loss
 from pipeline.metrics import MetricsWriter, format_metrics, mean_metrics, timed
 from pipeline.policy import ScorePolicy
-from pipeline.rewards import PackedMasks, delta_ce, pack_masks, sample_masks, sparsity, split_advantage, unpack_masks
+from pipeline.rewards import (PackedMasks, budget_shift, delta_ce, pack_masks, sample_masks, sparsity, split_advantage,
+                              unpack_masks)
 
 Tensor = torch.Tensor
 STAGES = ("pseudo_video", "real_video")
@@ -82,6 +84,7 @@ SKIPPED = "policy/skipped_steps"
 VERSION, VERSION_LAG = "policy/version", "policy/version_lag"
 ROLLOUTS_PER_S = "rollouts/s"
 OBJECTIVE = "objective/safe_sparsity"  # mean of rho * [dCE > 0]: sparsity earned inside the safe zone
+SHIFT = "sparsity/logit_shift"  # mean logit shift b of budgeted rollouts (stage.rollout_budget); how far the policy's own rate is
 SUMMARY_KEYS = (REWARD, DCE_MIN, SAFE_FRAC, KEPT, KEEP_PROB, ENTROPY, ROLLOUTS_PER_S)
 
 
@@ -190,6 +193,7 @@ class RolloutBatch:
     ce: Tensor  # [B, G] float32
     prompts: list[str]
     targets: list[str]
+    shift: Tensor | None = None  # [B] float32 logit shift b of the behaviour policy (stage.rollout_budget); None = 0
 
     @property
     def size(self) -> int:
@@ -228,6 +232,7 @@ class RolloutBatch:
                 "ce_full": float(self.ce_full[b]),
                 "prompt": self.prompts[b],
                 "target": self.targets[b],
+                "logit_shift": 0.0 if self.shift is None else float(self.shift[b]),
             })
         return out
 
@@ -248,6 +253,7 @@ class RolloutBatch:
             return torch.from_numpy(np.stack([np.asarray(r[key], dtype=np.float32) for r in records]))
 
         bits = torch.from_numpy(np.stack([np.asarray(r["mask_bits"], dtype=np.uint8) for r in records]))
+        shift = torch.tensor([float(r.get("logit_shift", 0.0)) for r in records], dtype=torch.float32)
         return cls(
             sample_ids=[str(r["sample_id"]) for r in records],
             policy_version=torch.tensor([int(r["policy_version"]) for r in records], dtype=torch.long),
@@ -261,6 +267,7 @@ class RolloutBatch:
             ce=f32("ce"),
             prompts=[str(r["prompt"]) for r in records],
             targets=[str(r["target"]) for r in records],
+            shift=shift if bool(shift.any()) else None,  # None = no shift, as the rollout made it
         )
 
 
@@ -368,6 +375,13 @@ def rollout(
     state = X if state_dtype is None else X.to(state_dtype)
     dev = next(policy.parameters()).device
     logits = policy(state.to(dev), (gh, gw)).float().cpu()  # [B, M]
+    shift = None
+    if stage_cfg.rollout_budget is not None:
+        # masks at an inference-like budget: r ~ U[lo, hi] per sample, logits shifted to keep r*M
+        lo, hi = stage_cfg.rollout_budget
+        r = lo + (hi - lo) * torch.rand(B, generator=generator)
+        shift = budget_shift(logits, r * logits.shape[1])
+        logits = logits + shift[:, None]
     G = stage_cfg.group_size
     masks = sample_masks(logits, G, generator)  # [B, G, M] bool
     # CE_full does not depend on the policy: cached per (sample, prompt, target) across epochs
@@ -392,6 +406,7 @@ def rollout(
         ce=ce,
         prompts=prompts,
         targets=targets,
+        shift=shift,
     )
 
 
@@ -418,6 +433,8 @@ def batch_metrics(batch: RolloutBatch, adv: Tensor | None = None) -> dict[str, f
         CE_MASKED: float(batch.ce.mean()),
         OBJECTIVE: float((batch.rho * (batch.dce > 0).float()).mean()),
     }
+    if batch.shift is not None:
+        m[SHIFT] = float(batch.shift.mean())
     if adv is not None:
         a = adv.float()
         m.update({ADV_MEAN: float(a.mean()), ADV_STD: float(a.std(unbiased=False)),
@@ -426,10 +443,14 @@ def batch_metrics(batch: RolloutBatch, adv: Tensor | None = None) -> dict[str, f
 
 
 def surrogate(policy: torch.nn.Module, X: Tensor, grid: tuple[int, int], masks: Tensor, old_logits: Tensor,
-              adv: Tensor, stage_cfg: StageConfig) -> dict[str, Tensor]:
+              adv: Tensor, stage_cfg: StageConfig, shift: Tensor | None = None) -> dict[str, Tensor]:
     """Forward + clipped surrogate loss with entropy bonus (tensors already on the policy's device);
-    ``policy`` may be a DeepSpeed engine. Returns :func:`clipped_surrogate_loss`'s dict."""
+    ``policy`` may be a DeepSpeed engine. ``shift[B]``: the rollouts' logit shift (the same constant
+    in the current policy, so the ratio compares like with like). Returns
+    :func:`clipped_surrogate_loss`'s dict."""
     logits = policy(X, grid)
+    if shift is not None:
+        logits = logits + shift.to(logits.device, logits.dtype)[:, None]
     return clipped_surrogate_loss(logits.float(), masks, old_logits, adv, clip=stage_cfg.clip,
                                   entropy_coef=stage_cfg.entropy)
 
@@ -447,11 +468,12 @@ def learn(policy: ScorePolicy, optimizer: torch.optim.Optimizer, batch: RolloutB
     masks = batch.unpacked_masks().to(dev)
     old = batch.old_logits.to(dev)
     adv_d = adv.to(dev)
+    shift = None if batch.shift is None else batch.shift.to(dev)
     policy.train()
     passes: list[dict[str, float]] = []
     skipped = 0
     for _ in range(stage_cfg.ppo_epochs):
-        out = surrogate(policy, X, batch.grid, masks, old, adv_d, stage_cfg)
+        out = surrogate(policy, X, batch.grid, masks, old, adv_d, stage_cfg, shift)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), stage_cfg.max_grad_norm)

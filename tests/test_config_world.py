@@ -25,6 +25,11 @@ def test_yaml_and_dotted_overrides(tmp_path):
     assert cfg.stage.pseudo_video.steps == load_config().stage.pseudo_video.steps
     assert cfg.world.motion == ["linear", "appear"]
     assert cfg.data.s3.endpoint_url == "http://127.0.0.1:9"
+    # a YAML alias is a copy: overriding one stage leaves the stage it shares its mapping with alone
+    p.write_text("stage:\n  pseudo_video: &s {steps: 7}\n  real_video: *s\n")
+    cfg = load_config(p, ["stage.real_video.rollout_budget=[0.05,0.1]"])
+    assert cfg.stage.real_video.rollout_budget == (0.05, 0.1) and cfg.stage.pseudo_video.rollout_budget is None
+    assert cfg.stage.pseudo_video.steps == cfg.stage.real_video.steps == 7
 
 
 @pytest.mark.parametrize(

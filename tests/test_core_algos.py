@@ -19,6 +19,7 @@ from pipeline.policy import ScorePolicy, surprise_state
 from pipeline.rewards import (
     bernoulli_entropy,
     bernoulli_logprob,
+    budget_shift,
     delta_ce,
     pack_masks,
     sample_masks,
@@ -184,6 +185,25 @@ def test_sample_masks_empty_rule_and_rate():
     p = torch.sigmoid(zz[0])
     expected = p + torch.tensor([0.0, 0.0, 1.0]) * (1 - p).prod()
     assert torch.allclose(rate, expected, atol=0.015)
+
+
+@PROP
+@given(st.integers(1, 3), st.integers(2, 300), st.floats(0.01, 0.99), st.floats(0.1, 20), st.integers(0, 10_000))
+def test_budget_shift_hits_the_expected_count_and_keeps_the_ranking(b, m, r, scale, seed):
+    z = torch.randn(b, m, generator=torch.Generator().manual_seed(seed)) * scale
+    kept = torch.full((b,), r * m).clamp(0.5, m - 0.5)
+    shift = budget_shift(z, kept)
+    p = torch.sigmoid(z.double() + shift.double()[:, None])
+    assert torch.allclose(p.sum(-1), kept.double(), atol=1e-3 * m)
+    shifted = z.double() + shift.double()[:, None]  # a constant per row: the same order (top-K reads only that)
+    assert torch.equal(torch.argsort(shifted, dim=-1, stable=True), torch.argsort(z, dim=-1, stable=True))
+
+
+def test_budget_shift_rejects_bad_budgets():
+    with pytest.raises(ValueError, match="0 < kept < M"):
+        budget_shift(torch.zeros(1, 4), torch.tensor([4.0]))
+    with pytest.raises(ValueError, match="finite"):
+        budget_shift(torch.tensor([[0.0, float("nan")]]), torch.tensor([1.0]))
 
 
 @PROP

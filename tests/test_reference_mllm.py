@@ -5,8 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import MLLMConfig
+from pipeline.config import MLLMConfig, ReferenceConfig, WorldConfig
 from pipeline.mllm.loader import load_mllm
+from pipeline.mllm.reference import spec_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "reference.hidden=64", "--set", "reference.layers=2", "--set", "reference.steps=STEPS",
@@ -39,3 +40,15 @@ def test_small_rebuild_learns_and_is_cached(tmp_path):
     # same spec: served from the cache, no training
     r2 = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0 and json.loads(r2.stdout.strip().splitlines()[-1])["cached"] is True
+    # a world that differs only in its sample counts (more training videos) reuses the build; a
+    # knob that changes what the model sees does not
+    wj = json.loads((world / "world.json").read_text())
+    bigger = tmp_path / "world-bigger"
+    subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(bigger), "--images", "0", "--videos", "8",
+                    "--heldout-videos", "48", "--size", "32", "--grid", "2", "--frames", "4", "--objects", "1-2",
+                    "--motion", "static", "--set", "world.object_size=0.375", "--set", "world.jitter=0", "--quiet"], check=True)
+    r3 = subprocess.run([a if a != str(world) else str(bigger) for a in args], capture_output=True, text=True, timeout=300)
+    assert r3.returncode == 0 and json.loads(r3.stdout.strip().splitlines()[-1])["cached"] is True, r3.stderr[-2000:]
+    w = WorldConfig(**wj)
+    assert spec_hash(ReferenceConfig(), w) == spec_hash(ReferenceConfig(), w.model_copy(update={"videos": 999, "heldout_videos": 7}))
+    assert spec_hash(ReferenceConfig(), w) != spec_hash(ReferenceConfig(), w.model_copy(update={"grid": 4}))

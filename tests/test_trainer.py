@@ -147,6 +147,37 @@ def test_rollout_batch_is_consistent(llava):
         tr.RolloutBatch.from_records([recs[0], rec16[1]])
 
 
+def test_budgeted_rollout_keeps_the_budget_and_learns_from_the_shifted_policy(llava):
+    """stage.rollout_budget: masks keep about r*M tokens, r ~ U[lo, hi], whatever the policy's keep
+    rate; the shift travels in the records, and the learner's ratio at unchanged weights is 1."""
+    scfg = stage_cfg(group_size=64, rollout_budget=(0.25, 0.25))
+    pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
+    with torch.no_grad():  # a policy that keeps almost everything: the budget must override it
+        pol.head.bias.fill_(6.0)
+    samples = [make_sample(i) for i in range(2)]
+    b = tr.rollout(llava, pol, samples, scfg, tr.step_generator(0, 0), seed=0)
+    M = b.num_tokens
+    kept = (1 - b.rho).mean(-1) * M
+    assert torch.allclose(kept, torch.full((2,), 0.25 * M), atol=1.0)
+    with torch.no_grad():
+        z = pol(b.X, b.grid)
+    assert b.shift is not None and bool((b.shift < -5).all())
+    assert torch.allclose(b.old_logits, z + b.shift[:, None], atol=1e-5)  # behaviour = shifted policy
+    back = tr.RolloutBatch.from_records(b.to_records())
+    assert torch.equal(back.shift, b.shift)
+    adv = tr.advantages(back, scfg)
+    out = tr.surrogate(pol, back.X, back.grid, back.unpacked_masks(), back.old_logits, adv, scfg, back.shift)
+    assert float(out["approx_kl"]) < 1e-8 and abs(float(out["ratio"]) - 1) < 1e-5
+    unshifted = tr.surrogate(pol, back.X, back.grid, back.unpacked_masks(), back.old_logits, adv, scfg)
+    assert float(unshifted["approx_kl"]) > 1.0  # without the shift the ratio would compare other policies
+    # a range draws a budget per sample
+    wide = tr.rollout(llava, pol, samples, scfg.model_copy(update={"rollout_budget": (0.1, 0.5)}),
+                      tr.step_generator(0, 1), seed=0)
+    assert wide.shift[0] != wide.shift[1]
+    with pytest.raises(ValueError, match="rollout_budget"):
+        StageConfig(rollout_budget=(0.5, 0.2))
+
+
 def test_byte_lru_bounds_bytes_and_counts():
     from pipeline.cache import ByteLRU
 
