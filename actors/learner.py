@@ -306,8 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.train()
             with timed(m, "learn"):
                 for _ in range(scfg.ppo_epochs):
-                    out = tr.surrogate(engine, X, rb.grid, masks, old, adv_d, scfg,
-                                       None if rb.shift is None else rb.shift.to(dev))
+                    out = tr.surrogate(engine, X, rb.grid, masks, old, adv_d, scfg, rb.shift)
                     engine.backward(out["loss"] * scale)
                     engine.step()
                     gn = engine.get_global_grad_norm()

@@ -468,12 +468,11 @@ def learn(policy: ScorePolicy, optimizer: torch.optim.Optimizer, batch: RolloutB
     masks = batch.unpacked_masks().to(dev)
     old = batch.old_logits.to(dev)
     adv_d = adv.to(dev)
-    shift = None if batch.shift is None else batch.shift.to(dev)
     policy.train()
     passes: list[dict[str, float]] = []
     skipped = 0
     for _ in range(stage_cfg.ppo_epochs):
-        out = surrogate(policy, X, batch.grid, masks, old, adv_d, stage_cfg, shift)
+        out = surrogate(policy, X, batch.grid, masks, old, adv_d, stage_cfg, batch.shift)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), stage_cfg.max_grad_norm)
