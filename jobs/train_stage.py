@@ -105,14 +105,10 @@ def samples_dataset(cfg: Config, stage: str, quarantine: Any, skip: dict[int, li
     skip = skip or {}
     per_epoch = max(1, _epoch_size(cfg, stage))
     epochs = max(1, math.ceil(scfg.steps * scfg.batch_size * cfg.learner.num_workers / per_epoch))  # every rank takes a batch per step
-    parts = []
-    for e in range(epochs):
-        if stage == "pseudo_video":
-            ds = stream.pseudo_video_dataset(cfg, int(cfg.run.seed) + e, skip_ids=skip.get(e, ()), quarantine=quarantine)
-        else:
-            ds = stream.video_dataset(cfg, skip_ids=skip.get(e, ()), quarantine=quarantine)
-        parts.append(stream.with_epoch(ds, e))
-    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    if stage == "pseudo_video":
+        ds = stream.pseudo_video_dataset(cfg, int(cfg.run.seed), skip_ids=skip, quarantine=quarantine, epochs=epochs)
+    else:
+        ds = stream.video_dataset(cfg, skip_ids=skip, quarantine=quarantine, epochs=epochs)
     return ds, epochs
 
 

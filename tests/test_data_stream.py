@@ -178,6 +178,26 @@ def test_resume_skips_consumed_ids(ray_cluster, shard_root):
         assert [r["sample_id"] for r in _rows(make(skip_ids=set(full)))] == []
 
 
+def test_epochs_in_one_dataset_match_single_passes(ray_cluster, shard_root):
+    """epochs=E: one dataset, epoch-major, an ``epoch`` column; epoch e of stage 1 regroups with
+    seed + e (the single pass with that seed), and a resume skips ids per epoch."""
+    cfg = _cfg(shard_root)
+    for make, seeded in ((lambda seed=5, **kw: stream.pseudo_video_dataset(cfg, seed=seed, **kw), True),
+                         (lambda seed=None, **kw: stream.video_dataset(cfg, **kw), False)):
+        passes = [[r["sample_id"] for r in _rows(make(**({"seed": 5 + e} if seeded else {})))] for e in range(3)]
+        rows = _rows(make(epochs=3))
+        assert [r["sample_id"] for r in rows] == passes[0] + passes[1] + passes[2]
+        assert [int(r["epoch"]) for r in rows] == [e for e in range(3) for _ in passes[e]]
+        if seeded:
+            assert passes[0] != passes[1]  # each epoch regroups the images
+        skip = {0: passes[0], 1: passes[1][:2]}  # a resumed stage consumed epoch 0 and part of epoch 1
+        rest = _rows(make(epochs=3, skip_ids=skip))
+        assert [(int(r["epoch"]), r["sample_id"]) for r in rest] == (
+            [(1, i) for i in passes[1][2:]] + [(2, i) for i in passes[2]])
+    with pytest.raises(TypeError, match="epochs"):
+        stream.video_dataset(cfg, skip_ids={0: ["vid:vid000"]})
+
+
 def test_frames_sampled_from_short_and_long_videos(ray_cluster, tmp_path):
     # videos of different lengths and sizes all come out as [T,S,S,3]
     recs = [{"id": f"v{n}", "frames": moving_square(n, size), "caption": "a square moves"}
