@@ -80,9 +80,16 @@ def _finish(ds: ray.data.Dataset, log: QuarantineLog, name: str) -> ray.data.Dat
     return ds
 
 
-def _shard_items(paths: list[str]) -> ray.data.Dataset:
-    items = [{"path": p, "shard_index": i} for i, p in enumerate(paths)]
+def _shard_items(paths: list[str], epochs: int | None = None) -> ray.data.Dataset:
+    """One row (one task) per shard, or per (epoch, shard) with an ``epoch`` column, epoch-major."""
+    items = [{"path": p, "shard_index": i, **({} if e is None else {"epoch": e})}
+             for e in _passes(epochs) for i, p in enumerate(paths)]
     return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+
+
+def _passes(epochs: int | None) -> list[int | None]:
+    """The data epochs of a dataset: ``[None]`` for a single pass without an ``epoch`` column."""
+    return [None] if epochs is None else list(range(epochs))
 
 
 def _to_batch(rows: list[dict], columns: Iterable[str]) -> dict[str, np.ndarray]:
@@ -269,31 +276,27 @@ def pseudo_video_dataset(cfg: Config | DataConfig, seed: int | None = 0, *,
                          quarantine: QuarantineLog | None = None, epochs: int | None = None) -> ray.data.Dataset:
     """Stage-1 pseudo-video samples (see module doc); ``seed=None`` groups in file order.
 
-    ``epochs=E``: E passes in ONE dataset (epoch-major, an int64 ``epoch`` column; epoch ``e``
+    ``epochs=E``: E passes in ONE dataset (epoch-major, an ``epoch`` column; epoch ``e``
     regroups with ``seed + e``), and ``skip_ids`` may be ``{epoch: ids}``. One dataset rather
     than a union of E: Ray Data runs every branch of an order-preserving union at once, and a
     75-epoch union took about 6 minutes to yield its first batch."""
     dcfg, address = _resolve(cfg)
     ensure_ray(address)
     log = quarantine or QuarantineLog()
-    paths = _image_shard_paths(dcfg)
-    items = _shard_items(paths) if epochs is None else ray.data.from_items(
-        [{"path": p, "shard_index": i, "epoch": e} for e in range(max(1, epochs)) for i, p in enumerate(paths)],
-        override_num_blocks=max(1, epochs) * len(paths))
-    ds = items.map_batches(
+    skips = _epoch_skips(epochs, skip_ids)
+    ds = _shard_items(_image_shard_paths(dcfg), epochs).map_batches(
         _pseudo_shards_fn, batch_size=1, batch_format="numpy",
-        fn_kwargs=dict(dcfg=dcfg, seed=seed, skips=_epoch_skips(epochs, skip_ids), log=log),
+        fn_kwargs=dict(dcfg=dcfg, seed=seed, skips=skips, log=log),
     )
     return _finish(ds, log, "pseudo_video")
 
 
-def build_video_index(dcfg: DataConfig, log: QuarantineLog, skip_ids: Iterable[str] = ()) -> list[dict]:
-    """Driver side: every annotation record in shard order, minus skipped ids; bad lines, unreadable
-    jsonl files and duplicate ids go to ``log``."""
+def build_video_index(dcfg: DataConfig, log: QuarantineLog) -> list[dict]:
+    """Driver side: every annotation record in shard order; bad lines, unreadable jsonl files and
+    duplicate ids go to ``log``."""
     files = readers.list_video_annotations(dcfg.video_shards, dcfg.s3)
     if not files:
         raise FileNotFoundError(f"no video annotations (*.jsonl) under data.video_shards={dcfg.video_shards!r}")
-    skip = frozenset(skip_ids)
     seen: set[str] = set()
     out: list[dict] = []
     bad: list[QuarantineRecord] = []
@@ -313,8 +316,6 @@ def build_video_index(dcfg: DataConfig, log: QuarantineLog, skip_ids: Iterable[s
                                             kind="video", detail=f"line {ent['line']}: duplicate id"))
                 continue
             seen.add(ent["id"])
-            if ent["id"] in skip or VIDEO_PREFIX + ent["id"] in skip:
-                continue
             hw = ent.pop("hw")
             ent["height"], ent["width"] = (hw or (0, 0))
             ent["caption"] = ent["caption"] if isinstance(ent["caption"], str) else ""
@@ -327,17 +328,16 @@ def video_dataset(cfg: Config | DataConfig, *, skip_ids: Iterable[str] | Mapping
                   quarantine: QuarantineLog | None = None, epochs: int | None = None) -> ray.data.Dataset:
     """Stage-2 real-video samples: T frames sampled uniformly, resized to ``frame_size``.
 
-    ``epochs=E``: E passes over the index in ONE dataset (epoch-major, an int64 ``epoch`` column;
+    ``epochs=E``: E passes over the index in ONE dataset (epoch-major, an ``epoch`` column;
     the annotations are read, and their bad lines counted, once), and ``skip_ids`` may be
     ``{epoch: ids}``; see :func:`pseudo_video_dataset` for why not a union."""
     dcfg, address = _resolve(cfg)
     ensure_ray(address)
     log = quarantine or QuarantineLog()
     skips = _epoch_skips(epochs, skip_ids)
-    index = build_video_index(dcfg, log, skips[None] if epochs is None else ())
-    if epochs is not None:
-        index = [{**ent, "epoch": e} for e in range(epochs) for ent in index
-                 if ent["id"] not in skips.get(e, ()) and VIDEO_PREFIX + ent["id"] not in skips.get(e, ())]
+    entries = build_video_index(dcfg, log)
+    index = [ent if e is None else {**ent, "epoch": e} for e in _passes(epochs) for ent in entries
+             if not {ent["id"], VIDEO_PREFIX + ent["id"]} & skips.get(e, frozenset())]
     per_block = dcfg.batch_size
     ds = ray.data.from_items(index, override_num_blocks=max(1, math.ceil(len(index) / per_block)))
     ds = ds.map_batches(_videos_fn, batch_size=per_block, batch_format="numpy",
