@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--size", type=int)
     ap.add_argument("--heldout-videos", dest="heldout_videos", type=int, help="evaluation videos (eval split)")
+    ap.add_argument("--val-videos", dest="val_videos", type=int, help="validation videos (val split, for choosing the final policy)")
     ap.add_argument("--frames", type=int)
     ap.add_argument("--objects", help="MIN-MAX objects per scene, e.g. 1-3")
     ap.add_argument("--grid", type=int, help="cells per side that objects sit in (the MLLM's token grid)")
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     overrides = list(args.overrides)
-    for key in ("images", "videos", "heldout_videos", "seed", "size", "frames", "grid", "background", "pan", "noise"):
+    for key in ("images", "videos", "heldout_videos", "val_videos", "seed", "size", "frames", "grid", "background", "pan", "noise"):
         if getattr(args, key) is not None:
             overrides.append(f"world.{key}={getattr(args, key)}")
     if args.motion:

@@ -17,8 +17,11 @@
    stage's log is streamed to this stdout (polling ``get_job_logs``), and the stage must end
    SUCCEEDED within ``run.job_timeout_s``. Stage 2 starts from stage 1's final policy
    (``--init-policy <storage>/<run>/pseudo_video/policy``).
-4. Copies the last stage's policy to ``<storage>/<run>/final/policy/`` and prints, as its LAST
-   stdout line, a JSON summary naming the run's paths and each stage's figures.
+4. With ``validation.video_shards`` set, submits ``jobs/select_policy.py`` (``{run}-select``), which
+   scores the last stage's kept checkpoints on the validation videos and names the best.
+5. Copies that checkpoint's policy (without validation: the last stage's policy) to
+   ``<storage>/<run>/final/policy/``, evaluates it (``{run}-eval``, unless ``--no-eval``) and prints,
+   as its LAST stdout line, a JSON summary naming the run's paths and each stage's figures.
 """
 
 from __future__ import annotations
@@ -271,8 +274,9 @@ def run_curriculum(cfg: Config, cfg_path: str | None, overrides: list[str], clie
             summary.update(job=sid, skipped=skipped)
         stages[stage] = summary
         init_policy = summary.get("policy") or storage.join(run_dir, stage, "policy")
+    selection = run_selection_job(cfg, cfg_path, overrides, client, run_dir, env, log) if cfg.validation.video_shards else None
     final = storage.join(run_dir, "final", "policy")
-    src = init_policy
+    src = storage.join(selection["chosen"]["checkpoint"], "policy") if selection else init_policy
     for name in ("config.json", "model.safetensors"):
         storage.write_bytes(storage.join(final, name), storage.read_bytes(storage.join(src, name), cfg.data.s3), cfg.data.s3)
     evaluation = run_evaluation_job(cfg, client, run_dir, final, env, log) if evaluate else None
@@ -283,9 +287,51 @@ def run_curriculum(cfg: Config, cfg_path: str | None, overrides: list[str], clie
         "stage_dirs": {s: storage.join(run_dir, s) for s in STAGES},
         "eval_results": storage.join(run_dir, "eval", "results.json"),
         "evaluation": evaluation,
+        "selection": None if selection is None else {
+            "chosen_step": selection["chosen"]["step"], "chosen": _scores(selection["chosen"]),
+            "last_step": selection["last"]["step"], "last": _scores(selection["last"]),
+            "candidates": len(selection["candidates"]), "job": selection.get("job")},
         "stages": {s: {k: v for k, v in d.items() if k not in ("first", "last")} |
                    {"first": _pick(d.get("first")), "last": _pick(d.get("last"))} for s, d in stages.items()},
     }
+
+
+def _scores(c: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in c.items() if k == "score" or k[:1].isdigit()}
+
+
+def run_selection_job(cfg: Config, cfg_path: str | None, overrides: list[str], client: Any, run_dir: str,
+                      env: dict[str, str], log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """``jobs/select_policy.py`` on the last stage as a Ray job (``<run>-select``): the checkpoint
+    whose policy becomes the final one. A re-run with ``selection.json`` in storage reads it."""
+    from pipeline import storage
+
+    stage = STAGES[-1]
+    path = storage.join(run_dir, stage, "selection", "selection.json")
+    try:
+        done = json.loads(storage.read_bytes(path, cfg.data.s3))
+        log(f"[curriculum] select: already chose step {done['chosen']['step'] + 1} ({path}), skipping")
+        return done
+    except Exception:  # noqa: BLE001  (not there yet)
+        pass
+    root = cfg.run.storage if storage.is_s3(cfg.run.storage) else str(Path(cfg.run.storage).resolve())
+    parts = [sys.executable, str(ROOT / "jobs" / "select_policy.py"), "--stage", stage, "--run", cfg.run.name,
+             "--storage", root]
+    if cfg_path:
+        parts += ["--config", cfg_path]
+    for o in overrides:
+        parts += ["--set", o]
+    base, n = f"{cfg.run.name}-select", 0
+    sid = base
+    while _status(client, sid) in ("FAILED", "STOPPED", "SUCCEEDED"):
+        n += 1
+        sid = f"{base}-r{n}"
+    log(f"[curriculum] select: job {sid} submitted")
+    status, logs = run_job(client, sid, " ".join(shlex.quote(p) for p in parts), env, cfg.run.job_timeout_s, log=log)
+    if status != "SUCCEEDED":
+        tail = "\n".join(logs.strip().splitlines()[-20:])
+        raise RuntimeError(f"policy selection (job {sid}) ended {status}; last log lines:\n{tail}")
+    return _last_json(logs) | {"job": sid}
 
 
 def eval_world(cfg: Config) -> Path | None:

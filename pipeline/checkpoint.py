@@ -327,8 +327,10 @@ class CheckpointWriter:
         self._retain()
 
     def _retain(self) -> None:
-        """Keep the last ``keep_last`` committed checkpoints plus the ``keep_best`` best by metric."""
-        committed = [p for _, p in list_committed(self.root, self.s3)]
+        """Keep the last ``keep_last`` committed checkpoints, the ``keep_best`` best by metric and
+        those at multiples of ``keep_every`` steps."""
+        listed = list_committed(self.root, self.s3)
+        committed = [p for _, p in listed]
         for p in committed:  # metrics of checkpoints an earlier (resumed) run wrote
             n = p.rsplit("/", 1)[-1]
             if n not in self._best:
@@ -342,6 +344,8 @@ class CheckpointWriter:
         scored = [(m, n) for n, m in self._best.items()]
         scored.sort(reverse=self.cfg.best_mode == "max")
         keep |= {storage.join(self.root, n) for _, n in scored[: self.cfg.keep_best]}
+        if self.cfg.keep_every:
+            keep |= {p for s, p in listed if (s + 1) % self.cfg.keep_every == 0}
         for p in committed:
             if p not in keep:
                 delete(p, self.s3)

@@ -35,6 +35,7 @@ class WorldConfig(_Strict):
     images: int = Field(256, ge=0, description="image-caption pairs (stage-1 material)")
     videos: int = Field(128, ge=0, description="videos with caption and QA (stage-2 material, train split)")
     heldout_videos: int = Field(200, ge=0, description="evaluation videos (eval split, heldout/videos/; never trained on)")
+    val_videos: int = Field(0, ge=0, description="validation videos (val split, val/videos/) for choosing the final policy; never trained or evaluated on")
     size: int = Field(64, ge=16, le=1024, description="frame height = width in pixels (even)")
     frames: int = Field(16, ge=2, le=256, description="frames per video")
     fps: int = Field(8, ge=1, le=120)
@@ -166,7 +167,9 @@ class StageConfig(_Strict):
     adv_eps: float = Field(1e-6, gt=0, description="eps in the safe-zone (rho - mean) / (std + eps)")
     penalty_scale_by_dce: bool = Field(False, description="violations: A = -lambda * rho * |dCE|")
     ppo_epochs: int = Field(1, ge=1, description="optimizer passes over each rollout batch")
-    warmup: int = Field(0, ge=0, description="linear learning-rate warmup steps (then constant lr)")
+    warmup: int = Field(0, ge=0, description="linear learning-rate warmup steps")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warmup: constant lr, or a cosine decay to min_lr_ratio * lr at the last step")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the last step's lr as a fraction of lr")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clip before each optimizer step")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     score_max_tokens: int = Field(0, ge=0, description="padded visual tokens per adapter.score call when scoring rollouts (0: no limit; bounds activation memory)")
@@ -228,6 +231,7 @@ class CheckpointConfig(_Strict):
     every: int = Field(10, ge=0, description="learner steps between checkpoints (0: none; the stage's end always saves)")
     keep_last: int = Field(2, ge=1, description="committed checkpoints kept, newest first")
     keep_best: int = Field(1, ge=0, description="plus this many best by best_metric")
+    keep_every: int = Field(0, ge=0, description="plus every checkpoint at a multiple of this many steps (0: none): the candidates jobs/select_policy.py chooses among")
     best_metric: str = Field("objective/safe_sparsity", description="a learner metric (mean over the steps since the last checkpoint)")
     best_mode: Literal["max", "min"] = "max"
     async_upload: bool = Field(True, description="upload in a background thread (the learner only stalls to stage files locally)")
@@ -235,6 +239,22 @@ class CheckpointConfig(_Strict):
     upload_backoff_s: float = Field(0.5, gt=0, description="first retry delay; doubles each retry")
     upload_max_backoff_s: float = Field(8.0, gt=0)
     commit_timeout_s: float = Field(300.0, gt=0, description="rank 0 waits this long for the other ranks' parts before giving up a commit")
+
+
+class ValidationConfig(_Strict):
+    """Choosing the run's final policy (jobs/select_policy.py): greedy QA accuracy at top-K on
+    validation videos, over the last stage's kept checkpoints, instead of simply its last step."""
+
+    video_shards: str | None = Field(None, description="validation video shards, disjoint from the training and the evaluation videos; null: the final policy is the last stage's last")
+    videos: int = Field(256, ge=1, description="validation videos read (the first N)")
+    retentions: list[float] = Field([0.05, 0.1], min_length=1, description="a candidate's score: mean accuracy at these top-K retentions")
+
+    @field_validator("retentions")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < r <= 1.0 for r in v):
+            raise ValueError("every retention must be in (0, 1]")
+        return v
 
 
 class RunConfig(_Strict):
@@ -257,6 +277,7 @@ class Config(_Strict):
     rollout: RolloutConfig = RolloutConfig()
     learner: LearnerConfig = LearnerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    validation: ValidationConfig = ValidationConfig()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,17 +34,18 @@ class EvalVideo:
 
 
 def load_eval_videos(adapter: MLLMAdapter, video_root: str, limit: int, num_frames: int, size: int,
-                     max_words: int = 64) -> list[EvalVideo]:
-    """Decode (PyAV) and encode up to ``limit`` annotated videos from ``video_root``'s shards."""
+                     max_words: int = 64, s3: Any = None) -> list[EvalVideo]:
+    """Decode (PyAV) and encode up to ``limit`` annotated videos from ``video_root``'s shards
+    (local or ``s3://``, ``s3`` an :class:`~pipeline.config.S3Config`)."""
     out: list[EvalVideo] = []
-    for ann in readers.list_video_annotations(video_root):
-        for rec in readers.read_video_index(ann):
+    for ann in readers.list_video_annotations(video_root, s3):
+        for rec in readers.read_video_index(ann, s3):
             if isinstance(rec, Exception):
                 raise rec
             qa = json.loads(rec["qa"])
             if not qa:
                 continue
-            v = readers.load_video(rec, num_frames, size, max_words)
+            v = readers.load_video(rec, num_frames, size, max_words, s3)
             out.append(EvalVideo(rec["id"], adapter.encode_video(v["frames"]), qa[0], json.loads(rec["objects"]),
                                  tuple(rec["hw"] or (size, size))))
             if len(out) >= limit:
@@ -68,9 +69,11 @@ def answer_word(text: str) -> str:
 
 @torch.no_grad()
 def evaluate_qa(adapter: MLLMAdapter, videos: Iterable[EvalVideo],
-                selector: Callable | None = None, retention: float = 1.0, seed: int = 0) -> dict:
+                selector: Callable | None = None, retention: float = 1.0, seed: int = 0,
+                options: bool = True) -> dict:
     """``{accuracy, option_accuracy, per_type: {type: accuracy}, n}`` with ``selector`` keeping
-    ``ceil(retention * T'*N)`` tokens per video (``selector=None``: all tokens)."""
+    ``ceil(retention * T'*N)`` tokens per video (``selector=None``: all tokens).
+    ``options=False`` skips the option scoring (``option_accuracy`` is then None)."""
     hits, opt_hits, per_type = [], [], {}
     for i, v in enumerate(videos):
         t, n = v.X.shape[:2]
@@ -81,15 +84,15 @@ def evaluate_qa(adapter: MLLMAdapter, videos: Iterable[EvalVideo],
             keep = selector(v.X, budget(retention, t * n), ctx)
         prompt = qa_prompt(v.qa["question"])
         ok = answer_word(adapter.generate(v.X, keep, prompt, max_new_tokens=2)) == v.qa["answer"]
-        options = v.qa.get("options") or [v.qa["answer"]]
-        lp = adapter.option_logprobs(v.X, keep, prompt, options)
-        opt_ok = options[int(torch.argmax(lp))] == v.qa["answer"]
+        if options:
+            opts = v.qa.get("options") or [v.qa["answer"]]
+            lp = adapter.option_logprobs(v.X, keep, prompt, opts)
+            opt_hits.append(opts[int(torch.argmax(lp))] == v.qa["answer"])
         hits.append(ok)
-        opt_hits.append(opt_ok)
         per_type.setdefault(v.qa.get("type", "qa"), []).append(ok)
     return {
         "accuracy": float(np.mean(hits)) if hits else 0.0,
-        "option_accuracy": float(np.mean(opt_hits)) if opt_hits else 0.0,
+        "option_accuracy": (float(np.mean(opt_hits)) if opt_hits else 0.0) if options else None,
         "per_type": {k: round(float(np.mean(x)), 4) for k, x in sorted(per_type.items())},
         "n": len(hits),
     }
@@ -155,9 +158,10 @@ BASELINE_ORDER = ("random", "uniform", "uniform_spatial", "fastv", "visionzip", 
 
 
 def method_selectors(adapter: MLLMAdapter, policy: torch.nn.Module | None = None, names: Iterable[str] | None = None,
-                     fastv_layer: int = 2, min_per_frame: int = 0) -> dict[str, Callable]:
-    """Ordered ``{name: selector}``: ``score`` (needs ``policy``), the baselines, ``oracle``.
-    ``names=None``: every available method (``score`` only with a policy)."""
+                     fastv_layer: int = 2, min_per_frame: int = 0, compile_policy: bool = False) -> dict[str, Callable]:
+    """Ordered ``{name: selector}``: ``score`` (needs ``policy``; ``compile_policy``: through
+    ``torch.compile``), the baselines, ``oracle``. ``names=None``: every available method
+    (``score`` only with a policy)."""
     from pipeline.baselines import SELECTORS, make_fastv
     from pipeline.select import make_score_selector
 
@@ -168,7 +172,7 @@ def method_selectors(adapter: MLLMAdapter, policy: torch.nn.Module | None = None
         if name == "score":
             if policy is None:
                 raise ValueError("method 'score' needs a compressor (policy)")
-            out[name] = make_score_selector(policy, min_per_frame=min_per_frame)
+            out[name] = make_score_selector(policy, min_per_frame=min_per_frame, compile=compile_policy)
         elif name == "fastv":
             out[name] = make_fastv(adapter, layer=fastv_layer)
         elif name in SELECTORS:

@@ -23,7 +23,7 @@ import torch
 from pipeline.baselines import budget
 from pipeline.data.prompts import qa_prompt
 from pipeline.mllm.base import MLLMAdapter
-from pipeline.select import topk_keep
+from pipeline.select import inference_forward, topk_keep
 
 
 def _sync(device: torch.device) -> None:
@@ -56,12 +56,13 @@ class CompressedMLLM:
     bytes, decoded to ``num_frames`` frames at the model's frame size."""
 
     def __init__(self, adapter: MLLMAdapter, policy: torch.nn.Module, retention: float = 0.1,
-                 min_per_frame: int = 0, num_frames: int = 16) -> None:
+                 min_per_frame: int = 0, num_frames: int = 16, compile: bool = False) -> None:
         budget(retention, 1)  # validates the ratio
         if getattr(policy, "embed_dim", adapter.hidden_size) != adapter.hidden_size:
             raise ValueError(f"the compressor reads {policy.embed_dim}-wide tokens, this MLLM's width is {adapter.hidden_size}")
         self.adapter = adapter
         self.policy = policy.to(adapter.device).eval()
+        self._forward = inference_forward(self.policy, compile)  # compile: see pipeline.select.inference_forward
         self.retention = float(retention)
         self.min_per_frame = int(min_per_frame)
         self.num_frames = int(num_frames)
@@ -85,7 +86,7 @@ class CompressedMLLM:
         dev = next(self.policy.parameters()).device
         _sync(dev)
         t0 = time.perf_counter()
-        z = self.policy(X.to(dev), (gh, gw))
+        z = self._forward(X.to(dev), (gh, gw))
         keep = topk_keep(z, r, grid=(t, gh, gw), min_per_frame=self.min_per_frame)
         _sync(dev)
         return keep.cpu(), time.perf_counter() - t0
@@ -132,10 +133,12 @@ class CompressedMLLM:
 
 
 def load_compressed(mllm_dir: str, compressor_dir: str, retention: float = 0.1, min_per_frame: int | None = None,
-                    num_frames: int = 16, device: str | torch.device | None = None, **mllm_kwargs: Any) -> CompressedMLLM:
+                    num_frames: int = 16, device: str | torch.device | None = None, compile: bool = False,
+                    **mllm_kwargs: Any) -> CompressedMLLM:
     """Load a saved MLLM (``save_pretrained`` layout, local or ``s3://``) and a saved compressor
     (:meth:`ScorePolicy.save_pretrained`). ``min_per_frame=None`` takes the compressor's own
-    ``min_per_frame`` setting. ``mllm_kwargs`` go to :class:`~pipeline.config.MLLMConfig`."""
+    ``min_per_frame`` setting; ``compile`` runs the policy through ``torch.compile``.
+    ``mllm_kwargs`` go to :class:`~pipeline.config.MLLMConfig`."""
     from pipeline.config import MLLMConfig
     from pipeline.mllm.loader import load_mllm
     from pipeline.policy import ScorePolicy
@@ -143,4 +146,4 @@ def load_compressed(mllm_dir: str, compressor_dir: str, retention: float = 0.1, 
     adapter = load_mllm(MLLMConfig(path=str(mllm_dir), **mllm_kwargs), device=device)
     policy = ScorePolicy.from_pretrained(compressor_dir, map_location=adapter.device)
     mpf = policy.cfg.min_per_frame if min_per_frame is None else int(min_per_frame)
-    return CompressedMLLM(adapter, policy, retention, mpf, num_frames)
+    return CompressedMLLM(adapter, policy, retention, mpf, num_frames, compile)

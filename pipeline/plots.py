@@ -51,6 +51,34 @@ def plot_accuracy_vs_retention(results: dict, path: str | Path, title: str | Non
     return path
 
 
+def plot_validation(scored: Sequence[Mapping], retentions: Sequence[float], chosen_step: int, path: str | Path,
+                    title: str | None = None, full: float | None = None) -> Path:
+    """Validation accuracy of each candidate checkpoint against its learner step, one line per
+    retention, the chosen checkpoint marked, ``full`` (all tokens) dashed (``jobs/select_policy.py``)."""
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    steps = [c["step"] + 1 for c in scored]
+    for r in retentions:
+        ax.plot(steps, [c[f"{r:g}"] for c in scored], marker=".", lw=1.4, label=f"top-K at {r:.0%}")
+    ax.plot(steps, [c["score"] for c in scored], color="black", lw=2, marker="o", label="score (mean)")
+    if full is not None:
+        ax.axhline(full, ls="--", color="grey", lw=1, label=f"all tokens ({full:.3f})")
+    best = next(c for c in scored if c["step"] == chosen_step)
+    ax.axvline(chosen_step + 1, color="tab:red", ls="--", lw=1)
+    ax.annotate(f"chosen: step {chosen_step + 1} ({best['score']:.3f})", (chosen_step + 1, best["score"]),
+                textcoords="offset points", xytext=(6, -14), color="tab:red", fontsize=8)
+    ax.set_xlabel("learner step")
+    ax.set_ylabel("validation QA accuracy")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"policy selection ({scored[0].get('videos', '?')} validation videos)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def frame_for_step(num_frames: int, steps: int) -> list[int]:
     """Source frame shown for each temporal step of the token grid (``steps <= num_frames``, e.g.
     Qwen2-VL's temporal patches of 2 frames): the first frame of the step."""
@@ -152,4 +180,4 @@ def check_png(path: str | Path) -> tuple[int, int]:
         return im.size
 
 
-__all__: Sequence[str] = ("plot_accuracy_vs_retention", "mask_overlay", "masked_frame", "frame_for_step", "check_png")
+__all__: Sequence[str] = ("plot_accuracy_vs_retention", "plot_validation", "mask_overlay", "masked_frame", "frame_for_step", "check_png")

@@ -9,6 +9,7 @@ ones; slicing them is the MLLM adapter's job.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -82,20 +83,49 @@ def topk_keep(
     return keep[0] if squeeze else keep
 
 
-def make_score_selector(policy: torch.nn.Module, min_per_frame: int = 0) -> Callable[[Tensor, int, SelectionContext], Tensor]:
+def inference_forward(policy: torch.nn.Module, compile: bool = False) -> Callable[[Tensor, tuple[int, int]], Tensor]:
+    """``forward(X, grid) -> logits``: the policy itself, or with ``compile=True`` the policy through
+    ``torch.compile`` (inductor fuses the small ops whose per-call cost dominates a tiny policy's
+    forward; the first call per shape compiles, ~25 s here). Where compiling fails (no C++ compiler,
+    an unsupported backend) it warns once and runs the policy eagerly from then on."""
+    if not compile:
+        return policy
+    state = {"fn": torch.compile(policy, dynamic=None)}
+
+    def forward(X: Tensor, grid: tuple[int, int]) -> Tensor:
+        fn = state["fn"]
+        if fn is policy:
+            return policy(X, grid)
+        try:
+            return fn(X, grid)
+        except Exception as e:  # noqa: BLE001  (any compile-time failure: fall back, said once)
+            warnings.warn(f"torch.compile of the SCORE policy failed ({type(e).__name__}: {str(e)[:200]}); "
+                          "running it eagerly", RuntimeWarning, stacklevel=2)
+            state["fn"] = policy
+            return policy(X, grid)
+
+    return forward
+
+
+def make_score_selector(policy: torch.nn.Module, min_per_frame: int = 0,
+                        compile: bool = False) -> Callable[[Tensor, int, SelectionContext], Tensor]:
     """The trained compressor behind the baselines' selector interface:
     ``selector(X[T, N, D], k, ctx) -> LongTensor[k]`` (sorted), using ``ctx.grid = (T, gh, gw)``.
-    ``policy`` is a :class:`pipeline.policy.ScorePolicy` (run in eval mode, no grad)."""
+    ``policy`` is a :class:`pipeline.policy.ScorePolicy` (run in eval mode, no grad);
+    ``compile``: see :func:`inference_forward`."""
+    forward = inference_forward(policy, compile)
 
     @torch.no_grad()
     def score_select(X: Tensor, k: int, ctx: SelectionContext) -> Tensor:
         t, gh, gw = ctx.grid
         was_training = policy.training
-        policy.eval()
+        if was_training:  # (eval() walks every submodule: skipped when already in eval mode)
+            policy.eval()
         try:
-            z = policy(X.to(next(policy.parameters()).device), (gh, gw))
+            z = forward(X.to(next(policy.parameters()).device), (gh, gw))
         finally:
-            policy.train(was_training)
+            if was_training:
+                policy.train()
         return topk_keep(z, k=k, grid=ctx.grid, min_per_frame=min_per_frame).cpu()
 
     return score_select

@@ -28,7 +28,7 @@ def _stage(step: int, big: int = 0) -> Path:
 
 def test_commit_latest_retention_and_fallback(tmp_path):
     root = str(tmp_path / "checkpoints")
-    cfg = CheckpointConfig(keep_last=2, keep_best=1, best_mode="max")
+    cfg = CheckpointConfig(keep_last=2, keep_best=1, best_mode="max", keep_every=4)
     w = ck.CheckpointWriter(root, cfg, log_fn=None)
     metrics = {1: 0.2, 2: 0.9, 3: 0.1, 4: 0.3, 5: 0.4}  # step 2 is the best
     for s, m in metrics.items():
@@ -36,7 +36,7 @@ def test_commit_latest_retention_and_fallback(tmp_path):
         assert w.wait(30)
     st = w.close()
     assert st["uploads"] == 5 and st["failures"] == 0 and st["last_committed"] == 5
-    assert [s for s, _ in ck.list_committed(root)] == [2, 4, 5]  # last two + the best
+    assert [s for s, _ in ck.list_committed(root)] == [2, 3, 4, 5]  # last two + the best + step 3 (4th step: keep_every)
     assert ck.latest_pointer(root) == "step-00000005"
     ref = ck.resolve(root)
     assert ref is not None and ref.step == 5 and ref.state["version"] == 6
@@ -45,7 +45,7 @@ def test_commit_latest_retention_and_fallback(tmp_path):
     half = tmp_path / "checkpoints" / "step-00000006"
     (half / "policy").mkdir(parents=True)
     (half / "state.json").write_text(json.dumps({"step": 6}))
-    assert [s for s, _ in ck.list_committed(root)] == [2, 4, 5]
+    assert [s for s, _ in ck.list_committed(root)] == [2, 3, 4, 5]
     with pytest.raises(ck.CheckpointError, match="step-00000006 is incomplete"):
         ck.verify(str(half))
 
@@ -66,7 +66,7 @@ def test_commit_latest_retention_and_fallback(tmp_path):
     w2 = ck.CheckpointWriter(root, cfg, log_fn=None)
     w2.save(7, _stage(7), metric=0.0)
     w2.close(30)
-    assert [s for s, _ in ck.list_committed(root)] == [2, 5, 7]
+    assert [s for s, _ in ck.list_committed(root)] == [2, 3, 5, 7]  # step 3 (keep_every) stays too
 
 
 def test_two_ranks_commit_only_when_both_parts_are_up(tmp_path):
@@ -150,3 +150,24 @@ def test_s3_outage_mid_upload_retries_and_never_lists_a_partial_checkpoint(rclon
     assert ref is not None and ref.step == 4
     local = ck.download(ref, tmp_path / "dl")
     assert json.loads((local / "state.json").read_text())["step"] == 4
+
+
+def test_selection_candidates_are_the_kept_checkpoints_and_ties_go_to_the_later(tmp_path):
+    from pipeline.validation import choose, stage_candidates
+
+    stage = tmp_path / "real_video"
+    with pytest.raises(FileNotFoundError, match="no committed checkpoints"):
+        stage_candidates(str(stage))
+    w = ck.CheckpointWriter(str(stage / "checkpoints"), CheckpointConfig(keep_last=1, keep_best=0, keep_every=2), log_fn=None)
+    for s in range(6):
+        w.save(s, _stage(s))
+        assert w.wait(30)
+    w.close()
+    cands = stage_candidates(str(stage))
+    assert [c.step for c in cands] == [1, 3, 5]  # every 2nd step, and the last
+    assert all(Path(c.checkpoint, "policy", "model.safetensors").is_file() for c in cands)
+    scored = [{"step": 1, "score": 0.8}, {"step": 3, "score": 0.9}, {"step": 5, "score": 0.9}]
+    assert choose(scored)["step"] == 5
+    assert choose(scored[:2] + [{"step": 5, "score": 0.5}])["step"] == 3  # a run that fell apart at the end
+    with pytest.raises(ValueError):
+        choose([])

@@ -40,6 +40,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         ("world.size=63", "config: world.size: must be even"),
         ("world.background=mars", "config: world.background: Input should be"),
         ("rollout.max_actors=0", "config: rollout.max_actors"),
+        ("validation.retentions=[0.1,1.5]", "config: validation.retentions: every retention must be in (0, 1]"),
         ("nonsense", "config: override 'nonsense' must look like key.path=value"),
     ],
 )
@@ -67,7 +68,7 @@ def test_job_rejects_bad_config_before_work(tmp_path):
 
 
 def test_world_is_deterministic_and_readable(tmp_path):
-    args = ["--images", "20", "--videos", "6", "--seed", "3", "--frames", "8", "--heldout-videos", "4", "--quiet"]
+    args = ["--images", "20", "--videos", "6", "--seed", "3", "--frames", "8", "--heldout-videos", "4", "--val-videos", "3", "--quiet"]
     for name in ("a", "b"):
         subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(tmp_path / name), *args], check=True)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
@@ -84,6 +85,10 @@ def test_world_is_deterministic_and_readable(tmp_path):
     held = [json.loads(line) for line in (tmp_path / "a/heldout/videos/annotations-00000.jsonl").read_text().splitlines()]
     assert len(held) == 4 and {a["id"] for a in held}.isdisjoint(a["id"] for a in anns)
     assert [a["caption"] for a in held] != [a["caption"] for a in anns[:4]]
+    # and the validation videos (choosing the final policy) from a third
+    val = [json.loads(line) for line in (tmp_path / "a/val/videos/annotations-00000.jsonl").read_text().splitlines()]
+    assert len(val) == 3 and {a["id"] for a in val}.isdisjoint({a["id"] for a in held} | {a["id"] for a in anns})
+    assert [a["caption"] for a in val] != [a["caption"] for a in held[:3]]
     # a different seed gives a different world
     subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(tmp_path / "c"), *args[:4], "--seed", "4", "--frames", "8", "--quiet"], check=True)
     assert (tmp_path / "c/videos/annotations-00000.jsonl").read_bytes() != (tmp_path / "a/videos/annotations-00000.jsonl").read_bytes()

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from conftest import build_tiny_mllm
+from pipeline import plots
 from pipeline.config import Config, WorldConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def assets(tmp_path_factory):
     from pipeline.data.world import generate_world
 
     root = tmp_path_factory.mktemp("raypipe")
-    generate_world(WorldConfig(images=16, videos=8, heldout_videos=4, frames=4, size=32, grid=2, object_size=0.25, jitter=0,
+    generate_world(WorldConfig(images=16, videos=8, heldout_videos=4, val_videos=4, frames=4, size=32, grid=2, object_size=0.25, jitter=0,
                                max_objects=2), root / "world", progress=False)
     model, tok = build_tiny_mllm("llava_onevision")
     model.save_pretrained(root / "mllm")
@@ -175,13 +176,18 @@ def test_stage_end_to_end(ray_cluster, assets, monkeypatch):
 # ------------------------------------------------------------------------------------- curriculum
 def test_curriculum_as_ray_jobs(assets, monkeypatch):
     """``python jobs/train_curriculum.py`` with no cluster: starts a local head with the job
-    server, runs both stages as Ray jobs (stage 2 from stage 1's policy) and the evaluation job,
-    prints the JSON summary last; a re-run through ``ray job submit`` against a separately started
-    head (no job history) skips both finished stages and the evaluation."""
+    server, runs both stages as Ray jobs (stage 2 from stage 1's policy), the selection job (the
+    final policy is the stage-2 checkpoint with the best validation accuracy) and the evaluation
+    job, prints the JSON summary last; a re-run through ``ray job submit`` against a separately
+    started head (no job history) skips both finished stages, the selection and the evaluation."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(OMP_NUM_THREADS="1")
+    val = assets / "world" / "val" / "videos"
     cmd = [sys.executable, str(ROOT / "jobs" / "train_curriculum.py"), "--config", str(assets / "cfg.yaml"),
-           "--run", "cur", "--set", "stage.real_video.rollout_budget=[0.25,0.5]"]  # stage 2 at a budget, as the demo
+           "--run", "cur", "--set", "stage.real_video.rollout_budget=[0.25,0.5]",  # stage 2 at a budget, as the demo
+           # a checkpoint every step, all kept: three candidates for the selection
+           "--set", "checkpoint.every=1", "--set", "checkpoint.keep_every=1",
+           "--set", f"validation.video_shards={val}", "--set", "validation.retentions=[0.25,0.5]"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])
@@ -207,6 +213,24 @@ def test_curriculum_as_ray_jobs(assets, monkeypatch):
     assert set(ev["accuracy"]["score"]) == {"0.05", "0.1", "0.25"}
     assert (run_dir / "eval" / "results.json").is_file() and (run_dir / "eval" / "accuracy_vs_retention.png").is_file()
 
+    # the selection job scored every kept stage-2 checkpoint on the validation videos and the
+    # final policy is the best one's, bit for bit
+    sel = json.loads((run_dir / "real_video" / "selection" / "selection.json").read_text())
+    assert summary["selection"]["job"] == "cur-select" and summary["selection"]["candidates"] == STEPS
+    assert [c["step"] for c in sel["candidates"]] == list(range(STEPS)) and sel["videos"] == 4
+    assert sel["full_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    for c in sel["candidates"]:
+        assert all(c[k] in (0.0, 0.25, 0.5, 0.75, 1.0) for k in ("0.25", "0.5"))
+        assert c["score"] == pytest.approx((c["0.25"] + c["0.5"]) / 2)
+    chosen = sel["chosen"]
+    assert chosen == max(sel["candidates"], key=lambda c: (c["score"], c["step"]))
+    assert summary["selection"]["chosen_step"] == chosen["step"]
+    assert (run_dir / "final/policy/model.safetensors").read_bytes() == \
+        (Path(chosen["checkpoint"]) / "policy/model.safetensors").read_bytes()
+    plots.check_png(run_dir / "real_video" / "selection" / "validation.png")
+    assert len(_scalars(run_dir / "tensorboard" / "selection")["validation/score"]) == STEPS
+    assert "[select] chose step" in p.stdout
+
     # the re-run goes the other documented way: `ray job submit` to a separately started head
     # (a new cluster: no job history, so the finished stages are found in storage and skipped)
     monkeypatch.syspath_prepend(str(ROOT / "jobs"))
@@ -227,6 +251,19 @@ def test_curriculum_as_ray_jobs(assets, monkeypatch):
     again = json.loads([ln for ln in p2.stdout.splitlines() if ln.startswith("{")][-1])
     assert all(again["stages"][s]["skipped"] for s in ("pseudo_video", "real_video"))
     assert again["evaluation"]["job"] == "cur-eval" and "eval: results already in" in p2.stdout
+    assert "select: already chose step" in p2.stdout and again["selection"]["chosen_step"] == chosen["step"]
+    # the actors' figures are the library's: the chosen policy scored again in this process
+    # (last: importing the library imports Ray, which reads RAY_AUTH_MODE once)
+    from pipeline.evaluation import load_eval_videos
+    from pipeline.mllm.loader import load_mllm
+    from pipeline.policy import ScorePolicy
+    from pipeline.validation import score_policy
+
+    cfg = _cfg(assets)
+    adapter = load_mllm(cfg.mllm)
+    videos = load_eval_videos(adapter, str(val), 4, cfg.data.video_frames, cfg.data.frame_size)
+    rescored = score_policy(adapter, ScorePolicy.from_pretrained(run_dir / "final/policy"), videos, [0.25, 0.5])
+    assert rescored == {k: chosen[k] for k in ("0.25", "0.5", "score")}
 
 
 # ------------------------------------------------------------------------------------- crash + resume

@@ -59,3 +59,31 @@ def test_oracle_covers_the_question_objects():
             assert max(kept_frames) - min(kept_frames) >= min(len(visible) - 1, 4) or len(kept_frames) == len(visible)
     with pytest.raises(ValueError, match="annotations"):
         oracle_select(torch.zeros(T, N, 1), 4, SelectionContext(grid=(T, GH, GW)))
+
+
+def test_compiled_score_selector_matches_eager_and_falls_back_when_compiling_fails(monkeypatch):
+    """``compile=True`` keeps exactly the eager selector's tokens; with no working C++ compiler
+    (a real inductor failure: the compiler it is told to use does not exist) it warns once and
+    runs eagerly."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from pipeline.config import PolicyConfig
+    from pipeline.select import make_score_selector
+    from pipeline.trainer import init_policy
+
+    policy = init_policy(24, PolicyConfig(hidden=16, layers=1, heads=2), seed=0).eval()
+    with torch.no_grad():  # a head that ranks tokens (its weight starts at zero)
+        policy.head.weight.normal_()
+    X = torch.randn(T, N, 24)
+    ctx = SelectionContext(grid=(T, GH, GW))
+    eager = make_score_selector(policy)(X, 26, ctx)
+    assert torch.equal(make_score_selector(policy, compile=True)(X, 26, ctx), eager)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
+    broken = make_score_selector(policy, compile=True)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the SCORE policy failed"):
+        assert torch.equal(broken(X, 26, ctx), eager)
+    assert torch.equal(broken(X, 26, ctx), eager)  # eager from now on, no second warning needed
+    torch._dynamo.reset()

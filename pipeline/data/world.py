@@ -31,7 +31,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "cross")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 QUESTION_TYPES = ("color", "shape", "direction", "change", "order")
-SPLITS = {"eval": 0, "train": 1, "test": 2}
+SPLITS = {"eval": 0, "train": 1, "test": 2, "val": 3}
 _KINDS = {"image": 0, "video": 1}
 
 # Word-level vocabulary of everything the world writes (captions, questions, answers).
@@ -343,7 +343,9 @@ def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> 
     """Write the training material from the ``train`` split, ``out/images/shard-*.parquet`` and
     ``out/videos/{clips/*.mp4, annotations-*.jsonl}``, and the evaluation set from the disjoint
     ``eval`` split, ``out/heldout/videos/`` (``cfg.heldout_videos`` videos, never trained on: not
-    by score-tiny, which draws fresh ``train`` samples, nor by the policy, which reads ``videos/``)."""
+    by score-tiny, which draws fresh ``train`` samples, nor by the policy, which reads ``videos/``),
+    and the validation set from the disjoint ``val`` split, ``out/val/videos/`` (``cfg.val_videos``;
+    what ``jobs/select_policy.py`` chooses the final policy on, so the eval split stays unseen)."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -356,7 +358,8 @@ def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> 
         write_image_shard(out / "images" / f"shard-{n_img_shards:05d}.parquet", recs)
         n_img_shards += 1
     shards = {}
-    for split, folder, count in (("train", out / "videos", cfg.videos), ("eval", out / HELDOUT, cfg.heldout_videos)):
+    splits = (("train", out / "videos", cfg.videos), ("eval", out / HELDOUT, cfg.heldout_videos), ("val", out / VAL, cfg.val_videos))
+    for split, folder, count in splits:
         n = 0
         for start in tqdm(range(0, count, cfg.shard_size), desc=f"{split} video shards", disable=not progress):
             recs = []
@@ -367,11 +370,13 @@ def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> 
             n += 1
         shards[split] = n
     (out / "world.json").write_text(cfg.model_dump_json(indent=2) + "\n")
-    return {"images": cfg.images, "videos": cfg.videos, "heldout_videos": cfg.heldout_videos,
-            "image_shards": n_img_shards, "video_shards": shards["train"], "heldout_shards": shards["eval"]}
+    return {"images": cfg.images, "videos": cfg.videos, "heldout_videos": cfg.heldout_videos, "val_videos": cfg.val_videos,
+            "image_shards": n_img_shards, "video_shards": shards["train"], "heldout_shards": shards["eval"],
+            "val_shards": shards["val"]}
 
 
 HELDOUT = "heldout/videos"  # under a world directory: the evaluation videos (eval split)
+VAL = "val/videos"  # under a world directory: the validation videos (val split)
 
 
 def heldout_videos(world: str | Path) -> Path:

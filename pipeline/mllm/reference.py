@@ -87,10 +87,10 @@ def build_model(rcfg: ReferenceConfig, wcfg: WorldConfig, tokenizer) -> torch.nn
 
 def spec_hash(rcfg: ReferenceConfig, wcfg: WorldConfig) -> str:
     """Cache key: everything that changes the built model. Not the world's sample counts: the build
-    draws its own fresh ``train`` samples by index, so a world with more videos (or more held-out
-    ones) reuses the same model."""
+    draws its own fresh ``train`` samples by index, so a world with more videos (or more held-out or
+    validation ones) reuses the same model."""
     blob = json.dumps({"reference": rcfg.model_dump(exclude={"eval_videos", "eval_every", "min_qa_accuracy"}),
-                       "world": wcfg.model_dump(exclude={"images", "videos", "heldout_videos", "shard_size"}),
+                       "world": wcfg.model_dump(exclude={"images", "videos", "heldout_videos", "val_videos", "shard_size"}),
                        "version": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
