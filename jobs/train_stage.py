@@ -156,6 +156,8 @@ def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None, resume
     ctx.enable_progress_bars = False
 
     paths = stage_paths(cfg, stage)
+    if init_policy and not storage.is_s3(init_policy):  # Ray workers run in other directories
+        init_policy = str(Path(init_policy).resolve())
     seed = stage_seed(int(cfg.run.seed), stage)
     name = store_name(cfg.run.name, stage)
     store = create_store(name)

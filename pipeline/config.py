@@ -196,7 +196,7 @@ class RolloutConfig(_Strict):
     max_actors: int = Field(2, ge=1)
     num_cpus: float = Field(0.5, gt=0, description="fractional here: a pool of 1-CPU actors cannot grow on 2 CPUs")
     num_gpus: float = Field(0.0, ge=0)
-    max_staleness: int = Field(2, ge=0, description="max policy versions a rollout may lag")
+    max_staleness: int = Field(2, ge=0, description="max policy versions a rollout may lag (0, with learner.prefetch_batches 0: on-policy, as the single-process trainer)")
     cache_mb: float = Field(1024.0, ge=0, description="per-actor LRU of the vision features X and CE_full, MiB (0: none)")
     state_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype X travels in to the learner (and the policy reads): auto = the MLLM's own")
@@ -278,6 +278,16 @@ class Config(_Strict):
     learner: LearnerConfig = LearnerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     validation: ValidationConfig = ValidationConfig()
+
+    @model_validator(mode="after")
+    def _staleness_reachable(self) -> "Config":
+        # every batch the learner prefetches is rolled out that many versions before it is used:
+        # a tighter bound would drop every rollout as stale, and the stage would learn nothing
+        if self.rollout.max_staleness < self.learner.prefetch_batches:
+            raise ValueError(f"rollout.max_staleness ({self.rollout.max_staleness}) is below learner.prefetch_batches "
+                             f"({self.learner.prefetch_batches}): every rollout would arrive that stale and be dropped; "
+                             "for on-policy rollouts set both to 0")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
