@@ -3,7 +3,9 @@
 1. the shapes world (``world`` section) into the folder above ``data.image_shards`` (cached), and
    one pass of both Ray Data streams over it (samples per kind, quarantined with reasons, clips/s);
 2. score-tiny, the reference MLLM, into ``mllm.path`` (cached by spec hash; ~15 min the first time);
-3. the two-stage curriculum as Ray jobs (``jobs/train_curriculum.py``) on a local Ray head;
+3. the two-stage curriculum as Ray jobs (``jobs/train_curriculum.py``) on a local Ray head, then
+   the choice of the final policy among the stage-2 checkpoints on the validation videos
+   (``jobs/select_policy.py``);
 4. (the curriculum's last Ray job) the evaluation of the trained compressor against every
    baseline (``jobs/evaluate.py``), whose table ends the output.
 
