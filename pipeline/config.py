@@ -326,6 +326,8 @@ def _format_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"config: unknown key '{key}'"
     msg = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:  # a whole-config rule: its message names the keys
+        return f"config: {msg}"
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"config: {key}: {msg}{shown}"

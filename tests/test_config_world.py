@@ -41,7 +41,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         ("world.background=mars", "config: world.background: Input should be"),
         ("rollout.max_actors=0", "config: rollout.max_actors"),
         ("validation.retentions=[0.1,1.5]", "config: validation.retentions: every retention must be in (0, 1]"),
-        ("rollout.max_staleness=0", "config: <root>: rollout.max_staleness (0) is below learner.prefetch_batches (1)"),
+        ("rollout.max_staleness=0", "config: rollout.max_staleness (0) is below learner.prefetch_batches (1)"),
         ("nonsense", "config: override 'nonsense' must look like key.path=value"),
     ],
 )
