@@ -166,8 +166,10 @@ def _wait_job_server(client_factory: Callable[[], Any], timeout_s: float) -> Any
 
 
 def stage_entrypoint(cfg_path: str | None, overrides: list[str], stage: str, run: str, storage: str,
-                     init_policy: str | None, resume: str | None = None) -> str:
-    parts = [sys.executable, str(ROOT / "jobs" / "train_stage.py"), "--stage", stage, "--run", run, "--storage", storage]
+                     init_policy: str | None = None, resume: str | None = None, script: str = "train_stage.py") -> str:
+    """The shell command of a per-stage job: ``jobs/<script> --stage ... --run ... --storage ...``
+    plus the config, the overrides and, for training, ``--init-policy`` / ``--resume``."""
+    parts = [sys.executable, str(ROOT / "jobs" / script), "--stage", stage, "--run", run, "--storage", storage]
     if cfg_path:
         parts += ["--config", cfg_path]
     for o in overrides:
@@ -223,6 +225,22 @@ def _last_json(logs: str) -> dict[str, Any]:
     return {}
 
 
+def run_once(client: Any, base: str, entrypoint: str, env: dict[str, str], cfg: Config,
+             log: Callable[[str], Any], what: str) -> tuple[str, str]:
+    """A one-shot job (the selection, the evaluation) under the first unused id of ``base``,
+    ``base-r1``, ...: ``(id, full log)``; raises, naming ``what``, unless it SUCCEEDED."""
+    sid, n = base, 0
+    while _status(client, sid) in TERMINAL:
+        n += 1
+        sid = f"{base}-r{n}"
+    log(f"[curriculum] {what}: job {sid} submitted")
+    status, logs = run_job(client, sid, entrypoint, env, cfg.run.job_timeout_s, log=log)
+    if status != "SUCCEEDED":
+        tail = "\n".join(logs.strip().splitlines()[-20:])
+        raise RuntimeError(f"{what} (job {sid}) ended {status}; last log lines:\n{tail}")
+    return sid, logs
+
+
 def _status(client: Any, sid: str) -> str | None:
     try:
         st = client.get_job_status(sid)
@@ -274,7 +292,7 @@ def run_curriculum(cfg: Config, cfg_path: str | None, overrides: list[str], clie
             summary.update(job=sid, skipped=skipped)
         stages[stage] = summary
         init_policy = summary.get("policy") or storage.join(run_dir, stage, "policy")
-    selection = run_selection_job(cfg, cfg_path, overrides, client, run_dir, env, log) if cfg.validation.video_shards else None
+    selection = run_selection_job(cfg, cfg_path, overrides, client, root, env, log) if cfg.validation.video_shards else None
     final = storage.join(run_dir, "final", "policy")
     src = storage.join(selection["chosen"]["checkpoint"], "policy") if selection else init_policy
     for name in ("config.json", "model.safetensors"):
@@ -288,49 +306,37 @@ def run_curriculum(cfg: Config, cfg_path: str | None, overrides: list[str], clie
         "eval_results": storage.join(run_dir, "eval", "results.json"),
         "evaluation": evaluation,
         "selection": None if selection is None else {
-            "chosen_step": selection["chosen"]["step"], "chosen": _scores(selection["chosen"]),
-            "last_step": selection["last"]["step"], "last": _scores(selection["last"]),
+            "chosen_step": selection["chosen"]["step"], "chosen": _scores(selection, "chosen"),
+            "last_step": selection["last"]["step"], "last": _scores(selection, "last"),
             "candidates": len(selection["candidates"]), "job": selection.get("job")},
         "stages": {s: {k: v for k, v in d.items() if k not in ("first", "last")} |
                    {"first": _pick(d.get("first")), "last": _pick(d.get("last"))} for s, d in stages.items()},
     }
 
 
-def _scores(c: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in c.items() if k == "score" or k[:1].isdigit()}
+def _scores(selection: dict[str, Any], which: str) -> dict[str, float]:
+    """A candidate's accuracy per retention and its score, from ``selection.json``."""
+    c = selection[which]
+    return {k: c[k] for k in (*(f"{r:g}" for r in selection["retentions"]), "score")}
 
 
-def run_selection_job(cfg: Config, cfg_path: str | None, overrides: list[str], client: Any, run_dir: str,
+def run_selection_job(cfg: Config, cfg_path: str | None, overrides: list[str], client: Any, root: str,
                       env: dict[str, str], log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """``jobs/select_policy.py`` on the last stage as a Ray job (``<run>-select``): the checkpoint
-    whose policy becomes the final one. A re-run with ``selection.json`` in storage reads it."""
+    """``jobs/select_policy.py`` on the last stage as a Ray job (``<run>-select``) under the storage
+    ``root``: the checkpoint whose policy becomes the final one. A re-run with ``selection.json``
+    in storage reads it."""
     from pipeline import storage
 
     stage = STAGES[-1]
-    path = storage.join(run_dir, stage, "selection", "selection.json")
+    path = storage.join(root, cfg.run.name, stage, "selection", "selection.json")
     try:
         done = json.loads(storage.read_bytes(path, cfg.data.s3))
         log(f"[curriculum] select: already chose step {done['chosen']['step'] + 1} ({path}), skipping")
         return done
     except Exception:  # noqa: BLE001  (not there yet)
         pass
-    root = cfg.run.storage if storage.is_s3(cfg.run.storage) else str(Path(cfg.run.storage).resolve())
-    parts = [sys.executable, str(ROOT / "jobs" / "select_policy.py"), "--stage", stage, "--run", cfg.run.name,
-             "--storage", root]
-    if cfg_path:
-        parts += ["--config", cfg_path]
-    for o in overrides:
-        parts += ["--set", o]
-    base, n = f"{cfg.run.name}-select", 0
-    sid = base
-    while _status(client, sid) in ("FAILED", "STOPPED", "SUCCEEDED"):
-        n += 1
-        sid = f"{base}-r{n}"
-    log(f"[curriculum] select: job {sid} submitted")
-    status, logs = run_job(client, sid, " ".join(shlex.quote(p) for p in parts), env, cfg.run.job_timeout_s, log=log)
-    if status != "SUCCEEDED":
-        tail = "\n".join(logs.strip().splitlines()[-20:])
-        raise RuntimeError(f"policy selection (job {sid}) ended {status}; last log lines:\n{tail}")
+    entry = stage_entrypoint(cfg_path, overrides, stage, cfg.run.name, root, script="select_policy.py")
+    sid, logs = run_once(client, f"{cfg.run.name}-select", entry, env, cfg, log, "select")
     return _last_json(logs) | {"job": sid}
 
 
@@ -367,16 +373,7 @@ def run_evaluation_job(cfg: Config, client: Any, run_dir: str, final_policy: str
         pass
     parts = [sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--mllm", cfg.mllm.path, "--compressor", final_policy,
              "--world", str(world), "--out", out, "--limit", str(cfg.reference.eval_videos)]
-    base, n = f"{cfg.run.name}-eval", 0
-    sid = base
-    while _status(client, sid) in ("FAILED", "STOPPED", "SUCCEEDED"):
-        n += 1
-        sid = f"{base}-r{n}"
-    log(f"[curriculum] eval: job {sid} submitted")
-    status, logs = run_job(client, sid, " ".join(shlex.quote(p) for p in parts), env, cfg.run.job_timeout_s, log=log)
-    if status != "SUCCEEDED":
-        tail = "\n".join(logs.strip().splitlines()[-20:])
-        raise RuntimeError(f"evaluation (job {sid}) ended {status}; last log lines:\n{tail}")
+    sid, logs = run_once(client, f"{cfg.run.name}-eval", " ".join(shlex.quote(p) for p in parts), env, cfg, log, "eval")
     summary = _last_json(logs) | {"compressor": final_policy, "job": sid}
     storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, sort_keys=True, default=float).encode(),
                         cfg.data.s3)

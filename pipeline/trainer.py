@@ -49,7 +49,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import time
 import zlib
@@ -497,16 +496,10 @@ def make_optimizer(policy: torch.nn.Module, stage_cfg: StageConfig) -> torch.opt
 
 
 def lr_at(step: int, stage_cfg: StageConfig) -> float:
-    """Linear warmup over ``warmup`` steps (step 0 gets ``lr / warmup``), then ``lr`` constant or
-    (``lr_schedule="cosine"``) decayed along a half cosine to ``min_lr_ratio * lr`` at the last step.
-    A function of the step alone, so a resumed stage continues the same schedule."""
-    c = stage_cfg
-    if c.warmup > 0 and step < c.warmup:
-        return c.lr * (step + 1) / c.warmup
-    if c.lr_schedule == "constant":
-        return c.lr
-    frac = min(1.0, (step - c.warmup) / max(1, c.steps - 1 - c.warmup))
-    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    """Linear warmup over ``warmup`` steps (step 0 gets ``lr / warmup``), then constant ``lr``."""
+    if stage_cfg.warmup <= 0:
+        return stage_cfg.lr
+    return stage_cfg.lr * min(1.0, (step + 1) / stage_cfg.warmup)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
