@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     selectors = method_selectors(adapter, policy, names, fastv_layer=args.fastv_layer, min_per_frame=mpf,
                                  compile_policy=args.compile)
 
-    videos = load_eval_videos(adapter, str(heldout_videos(world)), args.limit, frames, wcfg.size)
+    videos = load_eval_videos(adapter, str(heldout_videos(world)), args.limit, frames, wcfg.size,
+                              keep_frames=args.timing_videos)
     if not videos:
         raise SystemExit(f"error: no annotated videos under {heldout_videos(world)}")
     print(f"evaluating {list(selectors)} at {retentions} on {len(videos)} videos ({frames} frames)", flush=True)

@@ -31,12 +31,14 @@ class EvalVideo:
     qa: dict
     objects: list[dict]
     frame_hw: tuple[int, int]
+    frames: Any = None  # the decoded frames, kept for the timed videos only (load_eval_videos keep_frames)
 
 
 def load_eval_videos(adapter: MLLMAdapter, video_root: str, limit: int, num_frames: int, size: int,
-                     max_words: int = 64, s3: Any = None) -> list[EvalVideo]:
+                     max_words: int = 64, s3: Any = None, keep_frames: int = 0) -> list[EvalVideo]:
     """Decode (PyAV) and encode up to ``limit`` annotated videos from ``video_root``'s shards
-    (local or ``s3://``, ``s3`` an :class:`~pipeline.config.S3Config`)."""
+    (local or ``s3://``, ``s3`` an :class:`~pipeline.config.S3Config`). The first ``keep_frames``
+    keep their decoded frames (:func:`time_selection` encodes them again, as a deployment does)."""
     out: list[EvalVideo] = []
     for ann in readers.list_video_annotations(video_root, s3):
         for rec in readers.read_video_index(ann, s3):
@@ -47,7 +49,7 @@ def load_eval_videos(adapter: MLLMAdapter, video_root: str, limit: int, num_fram
                 continue
             v = readers.load_video(rec, num_frames, size, max_words, s3)
             out.append(EvalVideo(rec["id"], adapter.encode_video(v["frames"]), qa[0], json.loads(rec["objects"]),
-                                 tuple(rec["hw"] or (size, size))))
+                                 tuple(rec["hw"] or (size, size)), v["frames"] if len(out) < keep_frames else None))
             if len(out) >= limit:
                 return out
     return out
@@ -151,6 +153,39 @@ def time_prefill(adapter: MLLMAdapter, X: torch.Tensor, keep: torch.Tensor, prom
     return median_time(lambda: adapter.prefill(X, keep, prompt), repeats, device=adapter.device)
 
 
+def time_selection(adapter: MLLMAdapter, videos: list[EvalVideo], selector: Callable, retention: float,
+                   seed: int = 0, repeats: int = 5) -> tuple[float, float]:
+    """``(select_s, select / full prefill)``: a selector's wall time where a deployment runs it, on
+    the tokens the vision encoder has just produced (a video with kept ``frames`` is encoded again
+    each round; otherwise its stored ``X`` follows the previous round's prefill), and its ratio to
+    the full-token prefill timed in the same rounds (one clock, side by side). On this CPU a small
+    selector timed alone in a tight loop reads 2-3x faster than here: its few ops and data stay in
+    cache (EXPERIMENTS.md, session 8). Per video the median of ``repeats`` rounds of
+    ``[encode; select; full prefill]`` after one warm-up round; the mean over ``videos``."""
+    sel_s, pre_s = [], []
+    for i, v in enumerate(videos):
+        ctx = video_context(adapter, v, seed * 100_003 + i)
+        k = budget(retention, v.X.shape[0] * v.X.shape[1])
+        full, prompt = torch.arange(v.X.shape[0] * v.X.shape[1]), qa_prompt(v.qa["question"])
+        st, pt = [], []
+        for rep in range(max(1, repeats) + 1):
+            X = v.X if v.frames is None else adapter.encode_video(v.frames)
+            _sync(adapter.device)
+            t0 = time.perf_counter()
+            selector(X, k, ctx)
+            _sync(adapter.device)
+            t1 = time.perf_counter()
+            adapter.prefill(X, full, prompt)
+            _sync(adapter.device)
+            if rep:  # round 0 warms up
+                st.append(t1 - t0)
+                pt.append(time.perf_counter() - t1)
+        sel_s.append(float(np.median(st)))
+        pre_s.append(float(np.median(pt)))
+    select_s = float(np.mean(sel_s))
+    return select_s, select_s / float(np.mean(pre_s))
+
+
 # ------------------------------------------------------------------------------------------------
 # Multi-method runner
 
@@ -205,7 +240,8 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
     (median of ``timing_repeats``) with K kept tokens vs all tokens. Every method keeps exactly K
     tokens, so the prefill cost depends only on the retention: it is measured once per retention
     (on the uniform selection) and shared by the methods; each method's own selection time is
-    measured separately (``select_ms``; for ``score`` that is the policy forward + top-K), as is its
+    measured separately (``select_ms``; for ``score`` that is the policy forward + top-K; see
+    :func:`time_selection`), as is its
     analytic FLOPs share (``select_flops_pct``). FLOPs ratio: :func:`prefill_flops` at the kept
     vs the full sequence length. Returns ``{"full": {...}, "rows": [...], "setup": {...}}``."""
     from pipeline.baselines import uniform_temporal
@@ -246,12 +282,7 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
             acc = evaluate_qa(adapter, videos, sel, r, seed=seed)
             k = budget(r, M)
             L_kept = L_full - (M - k)
-            sel_times = []
-            for i, v in enumerate(timed):
-                ctx = video_context(adapter, v, seed * 100_003 + i)
-                kv = budget(r, v.X.shape[0] * v.X.shape[1])
-                sel_times.append(median_time(lambda: sel(v.X, kv, ctx), max(1, timing_repeats // 2), device=adapter.device))
-            select_s = float(np.mean(sel_times))
+            select_s, select_ratio = time_selection(adapter, timed, sel, r, seed, timing_repeats)
             pre = prefill_by_r[r]
             sflops = selection_flops(name, sel, dims, T, N, L_full, policy)
             row = {
@@ -263,7 +294,7 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
                 "speedup": round(full_prefill / pre, 3) if pre > 0 else None,
                 "flops_ratio": round(prefill_flops(dims, L_kept) / prefill_flops(dims, L_full), 5),
                 "select_ms": round(1e3 * select_s, 4),
-                "select_pct_of_full_prefill_time": round(100.0 * select_s / full_prefill, 3) if full_prefill > 0 else None,
+                "select_pct_of_full_prefill_time": round(100.0 * select_ratio, 3),
                 "select_flops_pct": None if sflops is None else round(100.0 * sflops / prefill_flops(dims, L_full), 4),
                 "speedup_with_select": round(full_prefill / (pre + select_s), 3) if pre + select_s > 0 else None,
                 "seconds": round(time.perf_counter() - t1, 2),

@@ -77,7 +77,7 @@ class CompressedMLLM:
         """Frames (or a video path) -> ``X[T', N, D]``."""
         return self.adapter.encode_video(self.frames(frames))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def select(self, X: torch.Tensor, retention: float | None = None) -> tuple[torch.Tensor, float]:
         """``(keep index LongTensor[K] sorted, policy seconds)`` for ``X[T', N, D]``."""
         t = X.shape[0]

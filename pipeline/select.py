@@ -54,8 +54,6 @@ def topk_keep(
     if z.dim() != 2:
         raise ValueError(f"logits must be [M] or [B, M], got {tuple(logits.shape)}")
     m = z.shape[-1]
-    if bool(torch.isnan(z).any()):
-        raise ValueError("topk_keep: NaN logits")
     if k is None:
         k = budget(float(retention), m)
     if not 1 <= k <= m:
@@ -74,7 +72,9 @@ def topk_keep(
             forced = torch.zeros(z.shape[0], t, n, dtype=torch.bool, device=z.device)
             forced.scatter_(-1, order, True)
             forced = forced.reshape(z.shape[0], m)
-    order = _stable_desc(z)  # by logit desc, index asc
+    vals, order = torch.sort(z, dim=-1, descending=True, stable=True)  # by logit desc, index asc
+    if bool(torch.isnan(vals[:, 0]).any()):  # sort puts NaN first: one element per row to check
+        raise ValueError("topk_keep: NaN logits")
     if forced is not None:
         # second stable sort on the forced flag keeps the logit order inside each group
         rank = torch.gather(forced, -1, order).to(torch.int8)
@@ -115,7 +115,7 @@ def make_score_selector(policy: torch.nn.Module, min_per_frame: int = 0,
     ``compile``: see :func:`inference_forward`."""
     forward = inference_forward(policy, compile)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score_select(X: Tensor, k: int, ctx: SelectionContext) -> Tensor:
         t, gh, gw = ctx.grid
         was_training = policy.training

@@ -201,6 +201,30 @@ def test_evaluate_job_end_to_end(assets, tmp_path, capsys):
     assert last["overlays"] == len(res["overlays"]) >= 2
 
 
+def test_selection_timed_on_freshly_encoded_tokens(assets):
+    """The overhead figure times the selector where a deployment runs it: on the tokens the vision
+    encoder has just produced (videos that kept their frames), next to the full prefill."""
+    from pipeline.config import MLLMConfig
+    from pipeline.evaluation import load_eval_videos, time_selection
+    from pipeline.mllm.loader import load_mllm
+
+    adapter = load_mllm(MLLMConfig(path=str(assets / "mllm")))
+    videos = load_eval_videos(adapter, str(assets / "world" / "heldout" / "videos"), 3, 4, 32, keep_frames=1)
+    assert videos[0].frames is not None and videos[1].frames is None and videos[2].frames is None
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    def recording(X, k, ctx):
+        seen.append((k, X))
+        return torch.arange(k)
+
+    sel_s, ratio = time_selection(adapter, videos[:2], recording, 0.25, repeats=2)
+    assert len(seen) == 2 * 3 and all(k == 4 for k, _ in seen)  # warm-up round + 2 per video
+    fresh, stored = [x for _, x in seen[:3]], [x for _, x in seen[3:]]
+    assert all(x is not videos[0].X and torch.allclose(x, videos[0].X) for x in fresh)  # encoded again
+    assert all(x is videos[1].X for x in stored)
+    assert sel_s > 0 and 0 < ratio < 1  # recording is far cheaper than a prefill
+
+
 def test_evaluate_job_baselines_only_and_bad_args(assets, tmp_path, capsys):
     ev = _job("evaluate")
     summary = ev.main(["--mllm", str(assets / "mllm"), "--world", str(assets / "world"), "--retention", "0.5",

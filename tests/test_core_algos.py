@@ -317,10 +317,27 @@ def test_topk_per_frame_minimum_and_ties():
         topk_keep(z, k=3, min_per_frame=1)
     with pytest.raises(ValueError, match="NaN"):
         topk_keep(torch.tensor([0.0, float("nan")]), k=1)
+    with pytest.raises(ValueError, match="NaN"):  # batched: a NaN in any row
+        topk_keep(torch.tensor([[0.0, 1.0], [2.0, float("nan")]]), k=1)
 
 
 # ------------------------------------------------------------------------------ policy network
 TINY = dict(hidden=32, layers=2, heads=4)
+
+
+def test_policy_trains_after_inference_mode_selection():
+    """The selector runs the policy under inference_mode; the fixed embeddings it caches must stay
+    usable by a later training forward (an inference tensor there would break backward)."""
+    from pipeline.baselines import SelectionContext
+    from pipeline.select import make_score_selector
+
+    torch.manual_seed(0)
+    pol = ScorePolicy(24, PolicyConfig(**TINY))
+    X = torch.randn(3, 4, 24)
+    keep = make_score_selector(pol)(X, 5, SelectionContext(grid=(3, 2, 2)))
+    assert keep.tolist() == sorted(keep.tolist()) and len(keep) == 5 and pol.training
+    pol(X, (2, 2)).sum().backward()
+    assert pol.w_x.weight.grad is not None
 
 
 @pytest.mark.parametrize("factorized", [True, False])
