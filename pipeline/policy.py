@@ -12,8 +12,8 @@ tokens per frame, row-major):
 Trunk: ``layers`` pre-LN transformer blocks. ``factorized=True``: spatial attention within each
 frame (sequence N), then temporal attention along each grid position (sequence T), then an MLP;
 ``factorized=False``: full attention over all ``T*N`` tokens, then an MLP. ``layers=0``: no trunk,
-every token scored from its own state (score-tiny's demo policy: as accurate in its world at half
-the cost, EXPERIMENTS.md session 8). Head: LN -> Linear -> one
+every token scored from its own state (on score-tiny half the cost, a little weaker at 10%
+retention, EXPERIMENTS.md session 8). Head: LN -> Linear -> one
 keep logit ``z`` per token; its weight starts at zero and its bias at ``init_keep_logit``, so the
 initial keep probability of every token is exactly ``sigmoid(init_keep_logit)``.
 
