@@ -153,37 +153,43 @@ def time_prefill(adapter: MLLMAdapter, X: torch.Tensor, keep: torch.Tensor, prom
     return median_time(lambda: adapter.prefill(X, keep, prompt), repeats, device=adapter.device)
 
 
-def time_selection(adapter: MLLMAdapter, videos: list[EvalVideo], selector: Callable, retention: float,
-                   seed: int = 0, repeats: int = 5) -> tuple[float, float]:
-    """``(select_s, select / full prefill)``: a selector's wall time where a deployment runs it, on
-    the tokens the vision encoder has just produced (a video with kept ``frames`` is encoded again
-    each round; otherwise its stored ``X`` follows the previous round's prefill), and its ratio to
-    the full-token prefill timed in the same rounds (one clock, side by side). On this CPU a small
-    selector timed alone in a tight loop reads 2-3x faster than here: its few ops and data stay in
-    cache (EXPERIMENTS.md, session 8). Per video the median of ``repeats`` rounds of
-    ``[encode; select; full prefill]`` after one warm-up round; the mean over ``videos``."""
-    sel_s, pre_s = [], []
+def time_deployed(adapter: MLLMAdapter, videos: list[EvalVideo], selector: Callable | None, retention: float,
+                  seed: int = 0, repeats: int = 5) -> dict[str, float]:
+    """A method's cost in the order a deployment pays it: ``{select_s, prefill_s, full_prefill_s}``.
+
+    Each round runs ``[encode; select; prefill with the kept tokens; encode; prefill with all
+    tokens]``: the selector sees the tokens the vision encoder has just produced (a video with kept
+    ``frames`` is encoded again; otherwise its stored ``X`` is used) and both prefills are timed in
+    the same rounds (one clock, side by side). ``selector=None`` keeps every token. On this CPU
+    small work timed alone in a tight loop reads 2-3x faster than here, because its ops and data stay
+    in cache between calls (EXPERIMENTS.md, session 8). Per video the median of ``repeats`` rounds
+    after one warm-up round; the mean over ``videos``."""
+    out: dict[str, list[float]] = {"select_s": [], "prefill_s": [], "full_prefill_s": []}
     for i, v in enumerate(videos):
         ctx = video_context(adapter, v, seed * 100_003 + i)
-        k = budget(retention, v.X.shape[0] * v.X.shape[1])
-        full, prompt = torch.arange(v.X.shape[0] * v.X.shape[1]), qa_prompt(v.qa["question"])
-        st, pt = [], []
+        m = v.X.shape[0] * v.X.shape[1]
+        k, full, prompt = budget(retention, m), torch.arange(m), qa_prompt(v.qa["question"])
+        rounds: list[tuple[float, float, float]] = []
         for rep in range(max(1, repeats) + 1):
             X = v.X if v.frames is None else adapter.encode_video(v.frames)
             _sync(adapter.device)
             t0 = time.perf_counter()
-            selector(X, k, ctx)
+            keep = full if selector is None else selector(X, k, ctx)
             _sync(adapter.device)
             t1 = time.perf_counter()
+            adapter.prefill(X, keep, prompt)
+            _sync(adapter.device)
+            t2 = time.perf_counter()
+            X = v.X if v.frames is None else adapter.encode_video(v.frames)
+            _sync(adapter.device)
+            t3 = time.perf_counter()
             adapter.prefill(X, full, prompt)
             _sync(adapter.device)
             if rep:  # round 0 warms up
-                st.append(t1 - t0)
-                pt.append(time.perf_counter() - t1)
-        sel_s.append(float(np.median(st)))
-        pre_s.append(float(np.median(pt)))
-    select_s = float(np.mean(sel_s))
-    return select_s, select_s / float(np.mean(pre_s))
+                rounds.append((t1 - t0, t2 - t1, time.perf_counter() - t3))
+        for key, col in zip(out, zip(*rounds)):
+            out[key].append(float(np.median(col)))
+    return {key: float(np.mean(col)) for key, col in out.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,16 +242,13 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
     """Every method x retention on the same videos and the same K.
 
     Accuracy: :func:`evaluate_qa` (greedy exact match; also option accuracy) and its % of the
-    full-token accuracy. Cost, on the first ``timing_videos`` videos: LLM prefill wall time
-    (median of ``timing_repeats``) with K kept tokens vs all tokens. Every method keeps exactly K
-    tokens, so the prefill cost depends only on the retention: it is measured once per retention
-    (on the uniform selection) and shared by the methods; each method's own selection time is
-    measured separately (``select_ms``; for ``score`` that is the policy forward + top-K; see
-    :func:`time_selection`), as is its
-    analytic FLOPs share (``select_flops_pct``). FLOPs ratio: :func:`prefill_flops` at the kept
-    vs the full sequence length. Returns ``{"full": {...}, "rows": [...], "setup": {...}}``."""
-    from pipeline.baselines import uniform_temporal
-
+    full-token accuracy. Cost, on the first ``timing_videos`` videos, in the order a deployment pays
+    it (:func:`time_deployed`): the method's own selection time (``select_ms``; for ``score`` the
+    policy forward + top-K) and the LLM prefill wall time with its K kept tokens, each against the
+    full-token prefill timed in the same rounds (``speedup``, ``select_pct_of_full_prefill_time``);
+    and the method's analytic FLOPs share (``select_flops_pct``). FLOPs ratio:
+    :func:`prefill_flops` at the kept vs the full sequence length. Returns
+    ``{"full": {...}, "rows": [...], "setup": {...}}``."""
     say = log or (lambda _m: None)
     retentions = [float(r) for r in retentions]
     if not videos:
@@ -259,21 +262,11 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
 
     t0 = time.perf_counter()
     full = evaluate_qa(adapter, videos, None, 1.0, seed=seed)
-    full_prefill = float(np.mean([time_prefill(adapter, v.X, torch.arange(v.X.shape[0] * v.X.shape[1]),
-                                               qa_prompt(v.qa["question"]), timing_repeats) for v in timed]))
+    full_prefill = time_deployed(adapter, timed, None, 1.0, seed, timing_repeats)["full_prefill_s"]
     full.update(prefill_ms=round(1e3 * full_prefill, 4), length=L_full, flops=prefill_flops(dims, L_full),
                 seconds=round(time.perf_counter() - t0, 2))
     say(f"full tokens: accuracy {full['accuracy']:.3f} (option {full['option_accuracy']:.3f}), "
         f"prefill {1e3 * full_prefill:.2f} ms, L={L_full}")
-
-    prefill_by_r: dict[float, float] = {}
-    for r in retentions:
-        times = []
-        for i, v in enumerate(timed):
-            ctx = video_context(adapter, v, seed * 100_003 + i)
-            keep = uniform_temporal(v.X, budget(r, v.X.shape[0] * v.X.shape[1]), ctx)
-            times.append(time_prefill(adapter, v.X, keep, qa_prompt(v.qa["question"]), timing_repeats))
-        prefill_by_r[r] = float(np.mean(times))
 
     rows = []
     for name, sel in selectors.items():
@@ -282,21 +275,21 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
             acc = evaluate_qa(adapter, videos, sel, r, seed=seed)
             k = budget(r, M)
             L_kept = L_full - (M - k)
-            select_s, select_ratio = time_selection(adapter, timed, sel, r, seed, timing_repeats)
-            pre = prefill_by_r[r]
+            cost = time_deployed(adapter, timed, sel, r, seed, timing_repeats)
+            select_s, pre, full_s = cost["select_s"], cost["prefill_s"], cost["full_prefill_s"]
             sflops = selection_flops(name, sel, dims, T, N, L_full, policy)
             row = {
                 "method": name, "retention": r, "k": k, "tokens": M,
                 "accuracy": acc["accuracy"], "option_accuracy": acc["option_accuracy"],
                 "pct_of_full": round(100.0 * acc["accuracy"] / full["accuracy"], 2) if full["accuracy"] > 0 else None,
                 "per_type": acc["per_type"], "n": acc["n"],
-                "prefill_ms": round(1e3 * pre, 4), "full_prefill_ms": round(1e3 * full_prefill, 4),
-                "speedup": round(full_prefill / pre, 3) if pre > 0 else None,
+                "prefill_ms": round(1e3 * pre, 4), "full_prefill_ms": round(1e3 * full_s, 4),
+                "speedup": round(full_s / pre, 3) if pre > 0 else None,
                 "flops_ratio": round(prefill_flops(dims, L_kept) / prefill_flops(dims, L_full), 5),
                 "select_ms": round(1e3 * select_s, 4),
-                "select_pct_of_full_prefill_time": round(100.0 * select_ratio, 3),
+                "select_pct_of_full_prefill_time": round(100.0 * select_s / full_s, 3),
                 "select_flops_pct": None if sflops is None else round(100.0 * sflops / prefill_flops(dims, L_full), 4),
-                "speedup_with_select": round(full_prefill / (pre + select_s), 3) if pre + select_s > 0 else None,
+                "speedup_with_select": round(full_s / (pre + select_s), 3),
                 "seconds": round(time.perf_counter() - t1, 2),
             }
             rows.append(row)

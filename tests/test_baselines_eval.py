@@ -201,11 +201,11 @@ def test_evaluate_job_end_to_end(assets, tmp_path, capsys):
     assert last["overlays"] == len(res["overlays"]) >= 2
 
 
-def test_selection_timed_on_freshly_encoded_tokens(assets):
-    """The overhead figure times the selector where a deployment runs it: on the tokens the vision
-    encoder has just produced (videos that kept their frames), next to the full prefill."""
+def test_cost_timed_in_deployment_order(assets):
+    """Selection and prefill are timed as a deployment pays them: the selector on the tokens the
+    vision encoder has just produced (videos that kept their frames), both prefills in the same rounds."""
     from pipeline.config import MLLMConfig
-    from pipeline.evaluation import load_eval_videos, time_selection
+    from pipeline.evaluation import load_eval_videos, time_deployed
     from pipeline.mllm.loader import load_mllm
 
     adapter = load_mllm(MLLMConfig(path=str(assets / "mllm")))
@@ -217,12 +217,14 @@ def test_selection_timed_on_freshly_encoded_tokens(assets):
         seen.append((k, X))
         return torch.arange(k)
 
-    sel_s, ratio = time_selection(adapter, videos[:2], recording, 0.25, repeats=2)
+    cost = time_deployed(adapter, videos[:2], recording, 0.25, repeats=2)
     assert len(seen) == 2 * 3 and all(k == 4 for k, _ in seen)  # warm-up round + 2 per video
     fresh, stored = [x for _, x in seen[:3]], [x for _, x in seen[3:]]
     assert all(x is not videos[0].X and torch.allclose(x, videos[0].X) for x in fresh)  # encoded again
     assert all(x is videos[1].X for x in stored)
-    assert sel_s > 0 and 0 < ratio < 1  # recording is far cheaper than a prefill
+    assert set(cost) == {"select_s", "prefill_s", "full_prefill_s"} and min(cost.values()) > 0
+    assert cost["select_s"] < cost["full_prefill_s"]  # recording is far cheaper than a prefill
+    assert time_deployed(adapter, videos[:1], None, 1.0, repeats=1)["select_s"] < 1e-3  # no selector
 
 
 def test_evaluate_job_baselines_only_and_bad_args(assets, tmp_path, capsys):
