@@ -57,11 +57,11 @@ END_MARK = "<!-- benchmark:end -->"
 STATS_ACTOR = "score-bench-stats"
 
 
-def demo_policy() -> dict[str, Any]:
-    """configs/demo.yaml's policy for score-tiny (its only home)."""
-    import yaml
+def demo_policy():
+    """configs/demo.yaml's policy for score-tiny (its only home), validated: a ``PolicyConfig``."""
+    from pipeline.config import load_config
 
-    return dict(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["policy"])
+    return load_config(ROOT / "configs" / "demo.yaml").policy
 
 INIT_KEEP = 1.0 / (1.0 + math.exp(-2.0))  # keep prob of a fresh policy (init_keep_logit = 2)
 
@@ -198,7 +198,7 @@ def base_config(assets: dict, s: dict, work: Path, stage_steps: int | None = Non
         "data": {"image_shards": str(Path(assets["world"]) / "images"),
                  "video_shards": str(Path(assets["world"]) / "videos"), "batch_size": s["stage_B"]},
         "mllm": {"path": assets["mllm"]},
-        "policy": demo_policy(),
+        "policy": demo_policy().model_dump(),
         "stage": {"pseudo_video": stage, "real_video": dict(stage, batch_size=s["B"], group_size=s["G"])},
         "rollout": {"min_actors": 1, "max_actors": 2, "num_cpus": 0.5, "max_staleness": 2},
         "learner": {"num_workers": 1, "cpus_per_worker": 0.5, "zero_stage": 1, "fit_timeout_s": 1200},
@@ -222,7 +222,7 @@ def bench_prefill(s: dict, device: str, layers_arg: str) -> dict[str, Any]:
     prompt = qa_prompt("what color is the circle ?")
     out: dict[str, Any] = {}
     models: list[tuple[str, Callable[[], Any], Any, PolicyConfig]] = []
-    models.append(("score-tiny", lambda: score_tiny(device)[0], None, PolicyConfig(**demo_policy())))
+    models.append(("score-tiny", lambda: score_tiny(device)[0], None, demo_policy()))
     for name in s["lms"]:
         if name not in LM_SHAPES:
             raise SystemExit(f"error: --lms: unknown LM shape {name!r}; known: {sorted(LM_SHAPES)}")
@@ -317,7 +317,7 @@ def bench_scoring(s: dict, device: str) -> dict[str, Any]:
     import torch
 
     from pipeline.bench import interleaved_times, padding_stats, score_packed
-    from pipeline.config import PolicyConfig, StageConfig
+    from pipeline.config import StageConfig
     from pipeline.evaluation import _sync
     from pipeline.trainer import init_policy, rollout, select_target, step_generator
 
@@ -373,7 +373,7 @@ def bench_scoring(s: dict, device: str) -> dict[str, Any]:
             f"x{row['speedup_packed_cached']:.2f}")
 
     # whole rollout at the initial policy (keep ~0.88), with and without the vision-feature cache
-    policy = init_policy(D, PolicyConfig(**demo_policy()), 0).to(ad.device)
+    policy = init_policy(D, demo_policy(), 0).to(ad.device)
     scfg = StageConfig(batch_size=B, group_size=G)
     cache: dict = {}
     rb = rollout(ad, policy, samples, scfg, step_generator(0, 0), 0, cache=cache)
@@ -497,7 +497,7 @@ def bench_weight_sync(s: dict, lm_widths: dict[str, int]) -> dict[str, Any]:
     version = 0
     try:
         for D in s["ws_widths"]:
-            pcfg = PolicyConfig(**demo_policy()) if D == 128 else PolicyConfig()
+            pcfg = demo_policy() if D == 128 else PolicyConfig()
             pol = init_policy(D, pcfg, 0)
             replica = init_policy(D, pcfg, 1)
             sd = pol.state_dict()

@@ -38,7 +38,7 @@ def load_eval_videos(adapter: MLLMAdapter, video_root: str, limit: int, num_fram
                      max_words: int = 64, s3: Any = None, keep_frames: int = 0) -> list[EvalVideo]:
     """Decode (PyAV) and encode up to ``limit`` annotated videos from ``video_root``'s shards
     (local or ``s3://``, ``s3`` an :class:`~pipeline.config.S3Config`). The first ``keep_frames``
-    keep their decoded frames (:func:`time_selection` encodes them again, as a deployment does)."""
+    keep their decoded frames (:func:`time_deployed` encodes them again, as a deployment does)."""
     out: list[EvalVideo] = []
     for ann in readers.list_video_annotations(video_root, s3):
         for rec in readers.read_video_index(ann, s3):
@@ -170,8 +170,12 @@ def time_deployed(adapter: MLLMAdapter, videos: list[EvalVideo], selector: Calla
         m = v.X.shape[0] * v.X.shape[1]
         k, full, prompt = budget(retention, m), torch.arange(m), qa_prompt(v.qa["question"])
         rounds: list[tuple[float, float, float]] = []
+
+        def encoded(v: EvalVideo = v) -> torch.Tensor:
+            return v.X if v.frames is None else adapter.encode_video(v.frames)
+
         for rep in range(max(1, repeats) + 1):
-            X = v.X if v.frames is None else adapter.encode_video(v.frames)
+            X = encoded()
             _sync(adapter.device)
             t0 = time.perf_counter()
             keep = full if selector is None else selector(X, k, ctx)
@@ -180,7 +184,7 @@ def time_deployed(adapter: MLLMAdapter, videos: list[EvalVideo], selector: Calla
             adapter.prefill(X, keep, prompt)
             _sync(adapter.device)
             t2 = time.perf_counter()
-            X = v.X if v.frames is None else adapter.encode_video(v.frames)
+            X = encoded()
             _sync(adapter.device)
             t3 = time.perf_counter()
             adapter.prefill(X, full, prompt)
