@@ -134,65 +134,56 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device: Any = "cpu") -> float:
-    """Median wall time (seconds) of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(max(1, repeats)):
+def deployed_rounds(adapter: MLLMAdapter, encode: Callable[[], torch.Tensor],
+                    select: Callable[[torch.Tensor], torch.Tensor] | None, prompt: str,
+                    repeats: int = 5) -> dict[str, float]:
+    """One video's cost in the order a deployment pays it: ``{select_s, prefill_s, full_prefill_s}``,
+    medians over ``repeats`` rounds after one warm-up round.
+
+    Each round runs ``[X = encode(); select(X); prefill with the kept tokens; X = encode(); prefill
+    with all tokens]``: the selector sees the tokens the vision encoder has just produced and both
+    prefills are timed in the same rounds (one clock, side by side). ``select=None`` keeps every
+    token. On this CPU small work timed alone in a tight loop reads 2-3x faster than here, because
+    its ops and data stay in cache between calls (EXPERIMENTS.md, session 8)."""
+    rounds: list[tuple[float, float, float]] = []
+    for rep in range(max(1, repeats) + 1):
+        X = encode()
+        full = torch.arange(X.shape[0] * X.shape[1])
+        _sync(adapter.device)
         t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def time_prefill(adapter: MLLMAdapter, X: torch.Tensor, keep: torch.Tensor, prompt: str, repeats: int = 5) -> float:
-    """Median wall time (s) of ``adapter.prefill`` with the kept tokens ``keep``."""
-    return median_time(lambda: adapter.prefill(X, keep, prompt), repeats, device=adapter.device)
+        keep = full if select is None else select(X)
+        _sync(adapter.device)
+        t1 = time.perf_counter()
+        adapter.prefill(X, keep, prompt)
+        _sync(adapter.device)
+        t2 = time.perf_counter()
+        X = encode()
+        _sync(adapter.device)
+        t3 = time.perf_counter()
+        adapter.prefill(X, full, prompt)
+        _sync(adapter.device)
+        if rep:  # round 0 warms up
+            rounds.append((t1 - t0, t2 - t1, time.perf_counter() - t3))
+    return {key: float(np.median(col)) for key, col in zip(("select_s", "prefill_s", "full_prefill_s"), zip(*rounds))}
 
 
 def time_deployed(adapter: MLLMAdapter, videos: list[EvalVideo], selector: Callable | None, retention: float,
                   seed: int = 0, repeats: int = 5) -> dict[str, float]:
-    """A method's cost in the order a deployment pays it: ``{select_s, prefill_s, full_prefill_s}``.
-
-    Each round runs ``[encode; select; prefill with the kept tokens; encode; prefill with all
-    tokens]``: the selector sees the tokens the vision encoder has just produced (a video with kept
-    ``frames`` is encoded again; otherwise its stored ``X`` is used) and both prefills are timed in
-    the same rounds (one clock, side by side). ``selector=None`` keeps every token. On this CPU
-    small work timed alone in a tight loop reads 2-3x faster than here, because its ops and data stay
-    in cache between calls (EXPERIMENTS.md, session 8). Per video the median of ``repeats`` rounds
-    after one warm-up round; the mean over ``videos``."""
+    """A method's cost in the deployment order (:func:`deployed_rounds`), the mean over ``videos``:
+    ``{select_s, prefill_s, full_prefill_s}``. A video with kept ``frames`` is encoded again every
+    round, as a deployment does; otherwise its stored ``X`` is used. ``selector=None`` keeps every
+    token."""
     out: dict[str, list[float]] = {"select_s": [], "prefill_s": [], "full_prefill_s": []}
     for i, v in enumerate(videos):
         ctx = video_context(adapter, v, seed * 100_003 + i)
-        m = v.X.shape[0] * v.X.shape[1]
-        k, full, prompt = budget(retention, m), torch.arange(m), qa_prompt(v.qa["question"])
-        rounds: list[tuple[float, float, float]] = []
+        k = budget(retention, v.X.shape[0] * v.X.shape[1])
 
         def encoded(v: EvalVideo = v) -> torch.Tensor:
             return v.X if v.frames is None else adapter.encode_video(v.frames)
 
-        for rep in range(max(1, repeats) + 1):
-            X = encoded()
-            _sync(adapter.device)
-            t0 = time.perf_counter()
-            keep = full if selector is None else selector(X, k, ctx)
-            _sync(adapter.device)
-            t1 = time.perf_counter()
-            adapter.prefill(X, keep, prompt)
-            _sync(adapter.device)
-            t2 = time.perf_counter()
-            X = encoded()
-            _sync(adapter.device)
-            t3 = time.perf_counter()
-            adapter.prefill(X, full, prompt)
-            _sync(adapter.device)
-            if rep:  # round 0 warms up
-                rounds.append((t1 - t0, t2 - t1, time.perf_counter() - t3))
-        for key, col in zip(out, zip(*rounds)):
-            out[key].append(float(np.median(col)))
+        select = None if selector is None else (lambda X, ctx=ctx, k=k: selector(X, k, ctx))
+        for key, val in deployed_rounds(adapter, encoded, select, qa_prompt(v.qa["question"]), repeats).items():
+            out[key].append(val)
     return {key: float(np.mean(col)) for key, col in out.items()}
 
 

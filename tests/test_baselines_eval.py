@@ -249,7 +249,9 @@ def test_compress_video_job_and_api(assets, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     last = json.loads(lines[-1])
     assert last == res and last["kept"] == 4 and last["total"] == 16 and last["prefill_s"] > 0
-    assert "prefill_full_median_s" in last and any(line.startswith("answer:") for line in lines)
+    assert any(line.startswith("answer:") for line in lines)
+    assert 0 < last["select_median_s"] < last["prefill_full_median_s"] and last["prefill_kept_median_s"] > 0  # deployment-order rounds
+    assert last["select_pct_of_full_prefill"] == pytest.approx(100 * last["select_median_s"] / last["prefill_full_median_s"], abs=0.05)
     cm = load_compressed(str(assets / "mllm"), str(assets / "policy"), retention=0.5, num_frames=4)
     out = cm.generate(str(clip), "<video> describe the video .", max_new_tokens=3)
     assert set(out) >= {"answer", "kept", "total", "prefill_s", "policy_s"} and out["kept"] == 8
