@@ -47,14 +47,14 @@ class Validator:
         t0 = time.perf_counter()
         policy = load_checkpoint_policy(cand.checkpoint, self.cfg)
         out = score_policy(self.adapter, policy, self.videos, self.cfg.validation.retentions)
-        return {"step": cand.step, "checkpoint": cand.checkpoint, **out, "videos": len(self.videos),
-                "seconds": round(time.perf_counter() - t0, 3)}
+        return {"step": cand.step, "checkpoint": cand.checkpoint, **({"averaged": list(cand.averaged)} if cand.averaged else {}),
+                **out, "videos": len(self.videos), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def score_candidates(cfg: Config, cands: Sequence[Candidate],
                      on_result: Callable[[dict[str, Any]], Any] | None = None) -> tuple[list[dict[str, Any]], float]:
-    """Score every candidate on a pool of :class:`Validator` actors: ``(results in step order,
-    full-token accuracy on the same videos)``."""
+    """Score every candidate on a pool of :class:`Validator` actors: ``(results in step order (an
+    average after the single checkpoint of its last step), full-token accuracy on the same videos)``."""
     from ray.util import ActorPool
 
     n = max(1, min(len(cands), cfg.rollout.max_actors))
@@ -69,7 +69,7 @@ def score_candidates(cfg: Config, cands: Sequence[Candidate],
             results.append(r)
             if on_result:
                 on_result(r)
-        return sorted(results, key=lambda r: r["step"]), float(ray.get(full, timeout=cfg.run.job_timeout_s))
+        return sorted(results, key=lambda r: (r["step"], "averaged" in r)), float(ray.get(full, timeout=cfg.run.job_timeout_s))
     finally:
         for a in actors:
             ray.kill(a)

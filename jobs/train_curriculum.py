@@ -18,8 +18,9 @@
    SUCCEEDED within ``run.job_timeout_s``. Stage 2 starts from stage 1's final policy
    (``--init-policy <storage>/<run>/pseudo_video/policy``).
 4. With ``validation.video_shards`` set, submits ``jobs/select_policy.py`` (``{run}-select``), which
-   scores the last stage's kept checkpoints on the validation videos and names the best.
-5. Copies that checkpoint's policy (without validation: the last stage's policy) to
+   scores the last stage's kept checkpoints on the validation videos and names the best (with
+   ``validation.average_last``: writes and scores the weight average of the last ones, the final).
+5. Copies that policy (without validation: the last stage's policy) to
    ``<storage>/<run>/final/policy/``, evaluates it (``{run}-eval``, unless ``--no-eval``) and prints,
    as its LAST stdout line, a JSON summary naming the run's paths and each stage's figures.
 """
@@ -307,6 +308,7 @@ def run_curriculum(cfg: Config, cfg_path: str | None, overrides: list[str], clie
         "evaluation": evaluation,
         "selection": None if selection is None else {
             "chosen_step": selection["chosen"]["step"], "chosen": _scores(selection, "chosen"),
+            "averaged_steps": selection["chosen"].get("averaged"),
             "last_step": selection["last"]["step"], "last": _scores(selection, "last"),
             "candidates": len(selection["candidates"]), "job": selection.get("job")},
         "stages": {s: {k: v for k, v in d.items() if k not in ("first", "last")} |
@@ -331,7 +333,9 @@ def run_selection_job(cfg: Config, cfg_path: str | None, overrides: list[str], c
     path = storage.join(root, cfg.run.name, stage, "selection", "selection.json")
     try:
         done = json.loads(storage.read_bytes(path, cfg.data.s3))
-        log(f"[curriculum] select: already chose step {done['chosen']['step'] + 1} ({path}), skipping")
+        what = (f"the average of steps {', '.join(str(s + 1) for s in done['chosen']['averaged'])}"
+                if done["chosen"].get("averaged") else f"step {done['chosen']['step'] + 1}")
+        log(f"[curriculum] select: already chose {what} ({path}), skipping")
         return done
     except Exception:  # noqa: BLE001  (not there yet)
         pass

@@ -246,6 +246,9 @@ class ValidationConfig(_Strict):
     video_shards: str | None = Field(None, description="validation video shards, disjoint from the training and the evaluation videos; null: the final policy is the last stage's last")
     videos: int = Field(256, ge=1, description="validation videos read (the first N)")
     retentions: list[float] = Field([0.05, 0.1], min_length=1, description="a candidate's score: mean accuracy at these top-K retentions")
+    average_last: int = Field(0, ge=0, description="0: the final policy is the kept checkpoint with the best score; k >= 1: the weight "
+                              "average of the stage's last checkpoint and the k-1 before it at multiples of checkpoint.keep_every "
+                              "(scored on the validation videos for the record, not chosen against the single checkpoints)")
 
     @field_validator("retentions")
     @classmethod
@@ -278,13 +281,19 @@ class Config(_Strict):
     validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")
-    def _staleness_reachable(self) -> "Config":
+    def _sections_agree(self) -> "Config":
         # every batch the learner prefetches is rolled out that many versions before it is used:
         # a tighter bound would drop every rollout as stale, and the stage would learn nothing
         if self.rollout.max_staleness < self.learner.prefetch_batches:
             raise ValueError(f"rollout.max_staleness ({self.rollout.max_staleness}) is below learner.prefetch_batches "
                              f"({self.learner.prefetch_batches}): every rollout would arrive that stale and be dropped; "
                              "for on-policy rollouts set both to 0")
+        k, ck = self.validation.average_last, self.checkpoint
+        if k and not self.validation.video_shards:
+            raise ValueError(f"validation.average_last ({k}) is done by the selection job, which needs validation.video_shards")
+        if k > ck.keep_last and ck.keep_every == 0:
+            raise ValueError(f"validation.average_last ({k}) averages more checkpoints than checkpoint.keep_last ({ck.keep_last}) keeps; "
+                             "set checkpoint.keep_every (the grid it averages on) or raise keep_last")
         return self
 
 

@@ -51,10 +51,12 @@ def plot_accuracy_vs_retention(results: dict, path: str | Path, title: str | Non
     return path
 
 
-def plot_validation(scored: Sequence[Mapping], retentions: Sequence[float], chosen_step: int, path: str | Path,
-                    title: str | None = None, full: float | None = None) -> Path:
+def plot_validation(scored: Sequence[Mapping], retentions: Sequence[float], best_step: int, path: str | Path,
+                    title: str | None = None, full: float | None = None, average: Mapping | None = None) -> Path:
     """Validation accuracy of each candidate checkpoint against its learner step, one line per
-    retention, the chosen checkpoint marked, ``full`` (all tokens) dashed (``jobs/select_policy.py``)."""
+    retention, the best checkpoint (``best_step``) marked, ``full`` (all tokens) dashed, and the
+    weight ``average`` of some of them (its score, at its last step, a star) where there is one
+    (``jobs/select_policy.py``)."""
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     steps = [c["step"] + 1 for c in scored]
@@ -63,10 +65,15 @@ def plot_validation(scored: Sequence[Mapping], retentions: Sequence[float], chos
     ax.plot(steps, [c["score"] for c in scored], color="black", lw=2, marker="o", label="score (mean)")
     if full is not None:
         ax.axhline(full, ls="--", color="grey", lw=1, label=f"all tokens ({full:.3f})")
-    best = next(c for c in scored if c["step"] == chosen_step)
-    ax.axvline(chosen_step + 1, color="tab:red", ls="--", lw=1)
-    ax.annotate(f"chosen: step {chosen_step + 1} ({best['score']:.3f})", (chosen_step + 1, best["score"]),
-                textcoords="offset points", xytext=(6, -14), color="tab:red", fontsize=8)
+    best = next(c for c in scored if c["step"] == best_step)
+    ax.axvline(best_step + 1, color="tab:red", ls="--", lw=1)
+    ax.annotate(f"{'best single' if average else 'chosen'}: step {best_step + 1} ({best['score']:.3f})",
+                (best_step + 1, best["score"]), textcoords="offset points", xytext=(6, -14), color="tab:red", fontsize=8)
+    if average is not None:
+        steps_avg = [s + 1 for s in average["averaged"]]
+        ax.axvspan(steps_avg[0], steps_avg[-1], color="tab:purple", alpha=0.08, lw=0)  # the averaged window
+        ax.plot([average["step"] + 1], [average["score"]], marker="*", ms=14, color="tab:purple", ls="none",
+                label=f"chosen: average of steps {steps_avg[0]}-{steps_avg[-1]} ({average['score']:.3f})")
     ax.set_xlabel("learner step")
     ax.set_ylabel("validation QA accuracy")
     ax.grid(alpha=0.3)

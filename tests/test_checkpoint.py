@@ -171,3 +171,46 @@ def test_selection_candidates_are_the_kept_checkpoints_and_ties_go_to_the_later(
     assert choose(scored[:2] + [{"step": 5, "score": 0.5}])["step"] == 3  # a run that fell apart at the end
     with pytest.raises(ValueError):
         choose([])
+
+
+def test_checkpoint_averaging_window_and_mean(tmp_path):
+    """The averaged window is the last checkpoint plus the ones before it on the keep_every grid
+    (a keep_last checkpoint off the grid is left out), and the average of real saved policies is
+    their element-wise mean; mismatched or non-finite weights are refused."""
+    import torch
+
+    from pipeline.config import PolicyConfig
+    from pipeline.policy import ScorePolicy
+    from pipeline.validation import Candidate, average_state_dicts, averaging_window
+
+    cands = [Candidate(s, f"ck{s}") for s in (1, 3, 4, 5)]  # 4: a keep_last checkpoint off the every-2 grid
+    assert [c.step for c in averaging_window(cands, 3, 2)] == [1, 3, 5]
+    assert [c.step for c in averaging_window(cands, 2, 2)] == [3, 5]
+    assert [c.step for c in averaging_window(cands, 9, 2)] == [1, 3, 5]  # fewer kept: the caller logs it
+    assert [c.step for c in averaging_window(cands, 2, 0)] == [4, 5]
+    assert [c.step for c in averaging_window(cands, 1, 2)] == [5]
+    with pytest.raises(ValueError):
+        averaging_window(cands, 0, 2)
+
+    pols = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        p = ScorePolicy(16, PolicyConfig(hidden=8, heads=2, layers=1))
+        torch.nn.init.normal_(p.head.weight)  # the head starts at zero: make it differ too
+        pols.append(ScorePolicy.from_pretrained(p.save_pretrained(tmp_path / f"p{seed}")))
+    avg = average_state_dicts([p.state_dict() for p in pols])
+    for key, val in avg.items():
+        torch.testing.assert_close(val, sum(p.state_dict()[key] for p in pols) / 3, rtol=1e-6, atol=1e-7)
+    merged = ScorePolicy(16, PolicyConfig(hidden=8, heads=2, layers=1))
+    merged.load_state_dict(avg)  # strict: same keys and shapes as the policy
+    X = torch.randn(3, 4, 16)
+    assert torch.isfinite(merged(X, (2, 2))).all()
+    wide = ScorePolicy(16, PolicyConfig(hidden=16, heads=2, layers=1)).state_dict()
+    with pytest.raises(ValueError, match="shapes/dtypes differ"):
+        average_state_dicts([pols[0].state_dict(), wide])
+    bad = {k: v.clone() for k, v in pols[1].state_dict().items()}
+    bad["head.bias"][0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        average_state_dicts([pols[0].state_dict(), bad])
+    with pytest.raises(ValueError, match="non-float"):
+        average_state_dicts([{"n": torch.tensor([1])}, {"n": torch.tensor([2])}])

@@ -42,6 +42,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         ("rollout.max_actors=0", "config: rollout.max_actors"),
         ("validation.retentions=[0.1,1.5]", "config: validation.retentions: every retention must be in (0, 1]"),
         ("rollout.max_staleness=0", "config: rollout.max_staleness (0) is below learner.prefetch_batches (1)"),
+        ("validation.average_last=3", "config: validation.average_last (3) is done by the selection job, which needs validation.video_shards"),
         ("nonsense", "config: override 'nonsense' must look like key.path=value"),
     ],
 )
@@ -50,6 +51,13 @@ def test_bad_config_is_one_clear_line(override, message):
         load_config(None, [override])
     assert str(e.value).startswith(message)
     assert "\n" not in str(e.value)
+
+
+def test_checkpoint_average_needs_the_checkpoints_kept():
+    ok = load_config(None, ["validation.video_shards=v", "validation.average_last=5", "checkpoint.keep_every=100"])
+    assert ok.validation.average_last == 5
+    with pytest.raises(ConfigError, match=r"average_last \(3\) averages more checkpoints than checkpoint.keep_last \(2\)"):
+        load_config(None, ["validation.video_shards=v", "validation.average_last=3"])
 
 
 def test_configs_directory_validates():

@@ -176,8 +176,9 @@ def test_stage_end_to_end(ray_cluster, assets, monkeypatch):
 # ------------------------------------------------------------------------------------- curriculum
 def test_curriculum_as_ray_jobs(assets, monkeypatch):
     """``python jobs/train_curriculum.py`` with no cluster: starts a local head with the job
-    server, runs both stages as Ray jobs (stage 2 from stage 1's policy), the selection job (the
-    final policy is the stage-2 checkpoint with the best validation accuracy) and the evaluation
+    server, runs both stages as Ray jobs (stage 2 from stage 1's policy), the selection job (every
+    kept stage-2 checkpoint scored on validation videos; the final policy is the weight average of
+    the last two: validation.average_last) and the evaluation
     job, prints the JSON summary last; a re-run through ``ray job submit`` against a separately
     started head (no job history) skips both finished stages, the selection and the evaluation."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -187,7 +188,8 @@ def test_curriculum_as_ray_jobs(assets, monkeypatch):
            "--run", "cur", "--set", "stage.real_video.rollout_budget=[0.25,0.5]",  # stage 2 at a budget, as the demo
            # a checkpoint every step, all kept: three candidates for the selection
            "--set", "checkpoint.every=1", "--set", "checkpoint.keep_every=1",
-           "--set", f"validation.video_shards={val}", "--set", "validation.retentions=[0.25,0.5]"]
+           "--set", f"validation.video_shards={val}", "--set", "validation.retentions=[0.25,0.5]",
+           "--set", "validation.average_last=2"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])
@@ -213,23 +215,32 @@ def test_curriculum_as_ray_jobs(assets, monkeypatch):
     assert set(ev["accuracy"]["score"]) == {"0.05", "0.1", "0.25"}
     assert (run_dir / "eval" / "results.json").is_file() and (run_dir / "eval" / "accuracy_vs_retention.png").is_file()
 
-    # the selection job scored every kept stage-2 checkpoint on the validation videos and the
-    # final policy is the best one's, bit for bit
+    # the selection job scored every kept stage-2 checkpoint and the average of the last two on
+    # the validation videos; the final policy is that average: the mean of their weights
     sel = json.loads((run_dir / "real_video" / "selection" / "selection.json").read_text())
     assert summary["selection"]["job"] == "cur-select" and summary["selection"]["candidates"] == STEPS
     assert [c["step"] for c in sel["candidates"]] == list(range(STEPS)) and sel["videos"] == 4
     assert sel["full_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)
-    for c in sel["candidates"]:
+    chosen = sel["chosen"]
+    for c in sel["candidates"] + [chosen]:
         assert all(c[k] in (0.0, 0.25, 0.5, 0.75, 1.0) for k in ("0.25", "0.5"))
         assert c["score"] == pytest.approx((c["0.25"] + c["0.5"]) / 2)
-    chosen = sel["chosen"]
-    assert chosen == max(sel["candidates"], key=lambda c: (c["score"], c["step"]))
-    assert summary["selection"]["chosen_step"] == chosen["step"]
-    assert (run_dir / "final/policy/model.safetensors").read_bytes() == \
-        (Path(chosen["checkpoint"]) / "policy/model.safetensors").read_bytes()
+    assert sel["best_single"] == max(sel["candidates"], key=lambda c: (c["score"], c["step"]))
+    assert chosen["averaged"] == [STEPS - 2, STEPS - 1] and chosen["step"] == STEPS - 1
+    assert summary["selection"]["chosen_step"] == STEPS - 1 and summary["selection"]["averaged_steps"] == chosen["averaged"]
+    import torch
+    from safetensors.torch import load_file
+
+    final_w = load_file(str(run_dir / "final/policy/model.safetensors"))
+    parts = [load_file(str(Path(c["checkpoint"]) / "policy/model.safetensors")) for c in sel["candidates"][-2:]]
+    assert set(final_w) == set(parts[0])
+    for key, w in final_w.items():
+        torch.testing.assert_close(w, (parts[0][key] + parts[1][key]) / 2, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(parts[0][k], parts[1][k]) for k in final_w)  # two different policies were averaged
     plots.check_png(run_dir / "real_video" / "selection" / "validation.png")
-    assert len(_scalars(run_dir / "tensorboard" / "selection")["validation/score"]) == STEPS
-    assert "[select] chose step" in p.stdout
+    tb_sel = _scalars(run_dir / "tensorboard" / "selection")
+    assert len(tb_sel["validation/score"]) == STEPS and tb_sel["validation/average_score"] == [chosen["score"]]
+    assert f"[select] chose the average of steps {STEPS - 1}, {STEPS}" in p.stdout
 
     # the re-run goes the other documented way: `ray job submit` to a separately started head
     # (a new cluster: no job history, so the finished stages are found in storage and skipped)
@@ -251,7 +262,7 @@ def test_curriculum_as_ray_jobs(assets, monkeypatch):
     again = json.loads([ln for ln in p2.stdout.splitlines() if ln.startswith("{")][-1])
     assert all(again["stages"][s]["skipped"] for s in ("pseudo_video", "real_video"))
     assert again["evaluation"]["job"] == "cur-eval" and "eval: results already in" in p2.stdout
-    assert "select: already chose step" in p2.stdout and again["selection"]["chosen_step"] == chosen["step"]
+    assert "select: already chose the average of steps" in p2.stdout and again["selection"]["chosen_step"] == chosen["step"]
     # the actors' figures are the library's: the chosen policy scored again in this process
     # (last: importing the library imports Ray, which reads RAY_AUTH_MODE once)
     from pipeline.evaluation import load_eval_videos
