@@ -49,7 +49,7 @@ def select(cfg: Config, stage: str = "real_video", log=print) -> dict:
     from pipeline.metrics import MetricsWriter
     from pipeline.plots import plot_validation
     from pipeline.ray_utils import ensure_ray
-    from pipeline.validation import choose, stage_candidates
+    from pipeline.validation import choose, describe, stage_candidates
 
     if not cfg.validation.video_shards:
         raise ValueError("validation.video_shards is not set: there are no validation videos to choose on")
@@ -68,8 +68,7 @@ def select(cfg: Config, stage: str = "real_video", log=print) -> dict:
     def progress(r: dict) -> None:
         done[0] += 1
         accs = " ".join(f"{x}={r[x]:.3f}" for x in (f"{x:g}" for x in cfg.validation.retentions))
-        what = f"average of steps {', '.join(str(s + 1) for s in r['averaged'])}" if "averaged" in r else f"step {r['step'] + 1}"
-        log(f"[select] {what}: {accs} score={r['score']:.3f} ({r['seconds']:.1f} s) [{done[0]}/{len(todo)}]")
+        log(f"[select] {describe(r)}: {accs} score={r['score']:.3f} ({r['seconds']:.1f} s) [{done[0]}/{len(todo)}]")
 
     try:
         results, full = score_candidates(cfg, todo, progress)
@@ -94,13 +93,9 @@ def select(cfg: Config, stage: str = "real_video", log=print) -> dict:
         if averaged:
             tb.log(averaged["step"] + 1, {f"validation/average@{x}": averaged[x] for x in (f"{x:g}" for x in cfg.validation.retentions)}
                    | {"validation/average_score": averaged["score"]})
-    if averaged:
-        log(f"[select] chose the average of steps {', '.join(str(s + 1) for s in averaged['averaged'])} (score "
-            f"{averaged['score']:.3f}; the best single checkpoint, step {best['step'] + 1}, scored {best['score']:.3f}; "
-            f"all tokens {full:.3f}) in {out['seconds']:.0f} s -> {sel_dir}")
-    else:
-        log(f"[select] chose step {best['step'] + 1} (score {best['score']:.3f}; the last step, {scored[-1]['step'] + 1}, "
-            f"scored {scored[-1]['score']:.3f}; all tokens {full:.3f}) in {out['seconds']:.0f} s -> {sel_dir}")
+    chosen, other = (averaged, ("the best single checkpoint", best)) if averaged else (best, ("the last", scored[-1]))
+    log(f"[select] chose {describe(chosen)} (score {chosen['score']:.3f}; {other[0]}, {describe(other[1])}, scored "
+        f"{other[1]['score']:.3f}; all tokens {full:.3f}) in {out['seconds']:.0f} s -> {sel_dir}")
     return out
 
 
@@ -110,22 +105,22 @@ def write_average(cfg: Config, cands: list[Candidate], dest: str, log=print) -> 
     (local or ``s3://``); returns it as a candidate for the validators."""
     from actors.learner import load_checkpoint_policy
     from pipeline import storage
-    from pipeline.validation import Candidate, average_state_dicts, averaging_window
+    from pipeline.validation import Candidate, average_state_dicts, averaging_window, describe
 
     k = cfg.validation.average_last
     window = averaging_window(cands, k, cfg.checkpoint.keep_every)
-    steps = tuple(c.step for c in window)
+    cand = Candidate(step=window[-1].step, checkpoint=dest, averaged=tuple(c.step for c in window))
     if len(window) < k:
         log(f"[select] warning: validation.average_last={k} but the stage kept only {len(window)} checkpoint(s) on its "
-            f"keep_every={cfg.checkpoint.keep_every} grid: averaging steps {', '.join(str(s + 1) for s in steps)}")
+            f"keep_every={cfg.checkpoint.keep_every} grid: writing {describe(vars(cand))}")
     policies = [load_checkpoint_policy(c.checkpoint, cfg) for c in window]
     policy = policies[0]
     policy.load_state_dict(average_state_dicts([p.state_dict() for p in policies]))
     with tempfile.TemporaryDirectory(prefix="score-average-") as tmp:
         for f in sorted(policy.save_pretrained(tmp).iterdir()):
             storage.write_bytes(storage.join(dest, "policy", f.name), f.read_bytes(), cfg.data.s3)
-    log(f"[select] averaged the weights of steps {', '.join(str(s + 1) for s in steps)} -> {dest}")
-    return Candidate(step=window[-1].step, checkpoint=dest, averaged=steps)
+    log(f"[select] wrote {describe(vars(cand))} -> {dest}")
+    return cand
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -328,14 +328,13 @@ def run_selection_job(cfg: Config, cfg_path: str | None, overrides: list[str], c
     ``root``: the checkpoint whose policy becomes the final one. A re-run with ``selection.json``
     in storage reads it."""
     from pipeline import storage
+    from pipeline.validation import describe
 
     stage = STAGES[-1]
     path = storage.join(root, cfg.run.name, stage, "selection", "selection.json")
     try:
         done = json.loads(storage.read_bytes(path, cfg.data.s3))
-        what = (f"the average of steps {', '.join(str(s + 1) for s in done['chosen']['averaged'])}"
-                if done["chosen"].get("averaged") else f"step {done['chosen']['step'] + 1}")
-        log(f"[curriculum] select: already chose {what} ({path}), skipping")
+        log(f"[curriculum] select: already chose {describe(done['chosen'])} ({path}), skipping")
         return done
     except Exception:  # noqa: BLE001  (not there yet)
         pass

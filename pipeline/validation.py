@@ -71,6 +71,14 @@ def choose(scored: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return max(scored, key=lambda c: (c["score"], c["step"]))
 
 
+def describe(scored: Mapping[str, Any]) -> str:
+    """A scored candidate (or ``selection.json``'s entry) in log lines, steps 1-based: ``"step 800"``
+    or ``"the average of steps 800, 900"``."""
+    if scored.get("averaged"):
+        return f"the average of steps {', '.join(str(s + 1) for s in scored['averaged'])}"
+    return f"step {scored['step'] + 1}"
+
+
 def averaging_window(cands: Sequence[Candidate], k: int, every: int) -> list[Candidate]:
     """The checkpoints :func:`average_state_dicts` averages, oldest first: the stage's last
     checkpoint and the ``k - 1`` before it at multiples of ``every`` steps (``every=0``: simply

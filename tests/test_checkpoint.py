@@ -181,9 +181,10 @@ def test_checkpoint_averaging_window_and_mean(tmp_path):
 
     from pipeline.config import PolicyConfig
     from pipeline.policy import ScorePolicy
-    from pipeline.validation import Candidate, average_state_dicts, averaging_window
+    from pipeline.validation import Candidate, average_state_dicts, averaging_window, describe
 
     cands = [Candidate(s, f"ck{s}") for s in (1, 3, 4, 5)]  # 4: a keep_last checkpoint off the every-2 grid
+    assert describe({"step": 4}) == "step 5" and describe(vars(Candidate(5, "a", (3, 5)))) == "the average of steps 4, 6"
     assert [c.step for c in averaging_window(cands, 3, 2)] == [1, 3, 5]
     assert [c.step for c in averaging_window(cands, 2, 2)] == [3, 5]
     assert [c.step for c in averaging_window(cands, 9, 2)] == [1, 3, 5]  # fewer kept: the caller logs it
