@@ -153,7 +153,6 @@ def test_benchmark_quick_end_to_end(tmp_path):
         assert finite_pos(m["compressor_pct_measured"]) and finite_pos(m["compressor_flops_pct"])
     q = s["prefill"]["qwen2-0.5b"]
     assert q["hidden"] == 896 and q["tokens_per_frame"] == 196 and q["full_layers"] == 24
-    assert q["rows"][3]["speedup"] > 1.5  # 10% of the tokens is clearly faster even on a busy machine
     # 2. scoring: throughputs and the padding-aware gain at low keep ratios
     sc = s["scoring"]
     for r in sc["rows"]:
