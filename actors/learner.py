@@ -1,6 +1,6 @@
 """Learner: Ray Train ``TorchTrainer`` whose workers train the policy with DeepSpeed.
 
-Data flow (DESIGN.md section 2): the driver passes the streaming rollout dataset (sample stream ->
+Data flow (docs/design.md): the driver passes the streaming rollout dataset (sample stream ->
 ``map_batches(RolloutWorker, ActorPoolStrategy)``) as ``datasets={"rollouts": ds}``; every worker
 reads its shard with ``ray.train.get_dataset_shard("rollouts").iter_batches(batch_size)``, so the
 rollout actors and the learner run at the same time and a rollout lags the learner by at most the
@@ -8,9 +8,8 @@ pipeline depth (blocks in flight + ``learner.prefetch_batches``). Per learner st
 
 1. next rollout batch (``timing/data``); records older than ``rollout.max_staleness`` versions are
    dropped and counted (:func:`filter_stale`; ``rollout/dropped_stale``);
-2. split advantages + clipped surrogate (``pipeline.trainer.advantages`` / ``surrogate`` on the
-   DeepSpeed engine), ``engine.backward`` + ``engine.step`` (``timing/learn``; the client optimizer
-   is ``torch.optim.AdamW`` - DeepSpeed's own Adam JIT-compiles C++ ops);
+2. :func:`pipeline.update.ppo_update`, the single-process trainer's update, through
+   :class:`DeepSpeedOptimizer` (``engine.backward`` + ``engine.step``; ``timing/learn``);
 3. rank 0 publishes weights ``v+1`` to the stage's PolicyStore (``timing/weight_sync``: the
    call's serialization plus the wait for the previous publish's reply - one is in flight at a
    time, so the store's work overlaps the next step);
@@ -35,7 +34,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import Config
 
-# learner metric names (TensorBoard tags) in addition to pipeline.trainer's
+# learner metric names (TensorBoard tags) in addition to pipeline.update's
 DROPPED_STALE = "rollout/dropped_stale"  # cumulative records dropped for staleness
 DROPPED_SHAPE = "rollout/dropped_shape"  # cumulative records dropped: shape differs from the batch's
 RETRIES = "rollout/retries"  # rollout batches retried after an actor died (cumulative)
@@ -99,47 +98,6 @@ def _all_ranks_true(flag: bool, world: int) -> bool:
     return bool(t.item())
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch global RNG states as JSON (restored by :func:`set_rng_state`)."""
-    import base64
-    import random
-
-    import torch
-
-    np_state = np.random.get_state()
-    return {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), *[float(x) if isinstance(x, float) else int(x) for x in np_state[2:]]],
-            "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    import base64
-    import random
-
-    import torch
-
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), int(n[2]), int(n[3]), float(n[4])))
-    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
-
-
-def ledger_key(epoch: Any, sample_id: Any) -> str:
-    """A consumed sample in the ledger: ``"<epoch>:<sample id>"`` (ids repeat across epochs)."""
-    return f"{int(epoch)}:{sample_id}"
-
-
-def consumed_by_epoch(ledger: Sequence[Mapping[str, Any]]) -> dict[int, list[str]]:
-    """``{epoch: [sample ids]}`` the learner took off the stream (learned or dropped-and-counted)."""
-    out: dict[int, list[str]] = {}
-    for entry in ledger:
-        for key in list(entry.get("ids", [])) + list(entry.get("dropped", [])):
-            e, sid = key.split(":", 1)
-            out.setdefault(int(e), []).append(sid)
-    return out
-
-
 def _gather(obj: Any, world: int) -> list[Any]:
     if world <= 1:
         return [obj]
@@ -150,7 +108,147 @@ def _gather(obj: Any, world: int) -> list[Any]:
     return out
 
 
-class _Checkpoints:
+class DeepSpeedOptimizer:
+    """The learner's :class:`pipeline.update.Optimizer`: the engine's backward (gradients
+    all-reduced across ranks) and step (clipped to ``stage.max_grad_norm`` by DeepSpeed).
+
+    A gradient whose norm is not finite is never applied, on every rank alike (the norm is of the
+    all-reduced gradient): ZeRO 1/2's optimizer detects it and skips its step by itself
+    (``engine.was_step_applied()``); without ZeRO the engine would step, so the norm is checked
+    here first."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.module = engine  # forward through the engine (it owns the module's device and hooks)
+
+    def backward(self, loss: Any) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> tuple[float, bool]:
+        import torch
+
+        if self.engine.zero_optimization_stage() == 0:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            gn = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if not np.isfinite(gn):
+                self.engine.zero_grad()
+                return gn, False
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        gn = float(norm) if norm is not None else float("nan")
+        return gn, bool(self.engine.was_step_applied()) and np.isfinite(gn)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+
+
+def build_engine(cfg: Config, stage: str, embed_dim: int, init_policy: str | None, resume: Mapping[str, Any] | None
+                 ) -> DeepSpeedOptimizer:
+    """The policy (a resumed checkpoint's, ``init_policy``'s, or the seeded fresh one the rollout
+    actors also start from as version 0) inside a DeepSpeed engine with AdamW as client optimizer
+    (DeepSpeed's own Adam JIT-compiles C++ ops); a resume also loads the optimizer and RNG states."""
+    import deepspeed
+
+    from pipeline import checkpoint as ck
+    from pipeline.policy import ScorePolicy
+    from pipeline.trainer import init_policy as fresh_policy
+    from pipeline.update import make_optimizer
+
+    if resume:
+        policy = ck.load_policy(resume["path"], cfg.data.s3)
+    elif init_policy:
+        policy = ScorePolicy.from_pretrained(init_policy)
+    else:
+        policy = fresh_policy(embed_dim, cfg.policy, cfg.run.seed)
+    scfg = getattr(cfg.stage, stage)
+    engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=make_optimizer(policy, scfg),
+                                           config=deepspeed_config(cfg, stage))
+    if resume:
+        _resume_engine(engine, resume, cfg)
+        ck.set_rng_state(resume["state"]["rng"])
+    return DeepSpeedOptimizer(engine)
+
+
+def _resume_engine(engine: Any, ref: Mapping[str, Any], cfg: Config) -> None:
+    """Load DeepSpeed's optimizer state of a checkpoint into ``engine`` (weights were already read
+    from safetensors; DeepSpeed's module copy must agree with them)."""
+    import tempfile
+
+    from pipeline import checkpoint as ck
+    from pipeline.trainer import weights_sha
+
+    with tempfile.TemporaryDirectory(prefix="score-resume-") as tmp:
+        local = ck.download(ref["path"], Path(tmp), cfg.data.s3)
+        sha = weights_sha(engine.module)
+        tag = ck.checkpoint_name(ref["step"])
+        path, _ = engine.load_checkpoint(str(local / "deepspeed"), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise ck.CheckpointError(f"checkpoint {ref['path']}: DeepSpeed found no state under deepspeed/{tag}")
+    if weights_sha(engine.module) != sha:
+        raise ck.CheckpointError(f"checkpoint {ref['path']}: DeepSpeed's model states disagree with policy/model.safetensors")
+
+
+def usable_records(records: Sequence[Mapping[str, Any]], version: int, max_staleness: int
+                   ) -> tuple[list[Mapping[str, Any]], float, int, int]:
+    """``(use, loss_scale, stale, other_shape)`` of one rank's batch: the fresh records of the
+    largest shape group. A batch that is all stale is still used with ``loss_scale`` 0, so the
+    rank joins the gradient all-reduce of its step (its records count as dropped)."""
+    kept, stale = filter_stale(records, version, max_staleness)
+    if not kept:
+        use, _ = largest_shape_group(records)
+        return use, 0.0, stale, 0
+    use, other_shape = largest_shape_group(kept)
+    return use, 1.0, stale, other_shape
+
+
+class Publisher:
+    """Rank 0's side of the PolicyStore: one publish in flight. The weights are serialized into the
+    call at once (the next optimizer step cannot change them) and its reply is awaited only before
+    the next publish, off the step's critical path."""
+
+    def __init__(self, store: Any, timeout_s: float):
+        self.store, self.timeout_s, self.pending = store, timeout_s, None
+
+    def publish(self, version: int, state_dict: Mapping[str, Any]) -> None:
+        self.wait()
+        self.pending = self.store.publish.remote(version, state_dict)
+
+    def wait(self) -> None:
+        import ray
+
+        if self.pending is not None:
+            ray.get(self.pending, timeout=self.timeout_s)
+            self.pending = None
+
+    def retries(self) -> int:
+        import ray
+
+        return int(ray.get(self.store.retries.remote(), timeout=self.timeout_s))
+
+
+class Ledger:
+    """Every record a step took off the stream, learned or dropped-and-counted, gathered from all
+    ranks on rank 0 (``ledger.json``: what a resumed stage skips, so each sample is used once per
+    epoch)."""
+
+    def __init__(self, entries: list[dict[str, Any]], rank: int, world: int):
+        self.entries, self.rank, self.world = entries, rank, world
+
+    def record(self, step: int, records: Sequence[Mapping[str, Any]], used: Sequence[Mapping[str, Any]],
+               scale: float) -> None:
+        from pipeline.checkpoint import ledger_key
+
+        learned_ids = {id(r) for r in used} if scale > 0 else set()
+        keys = [(ledger_key(r.get("epoch", 0), r["sample_id"]), id(r) in learned_ids) for r in records]
+        parts = _gather(([k for k, ok in keys if ok], [k for k, ok in keys if not ok]), self.world)
+        if self.rank == 0:
+            self.entries.append({"step": step, "ids": [k for p in parts for k in p[0]],
+                                 "dropped": [k for p in parts for k in p[1]]})
+
+
+class Checkpoints:
     """The learner's side of pipeline/checkpoint.py: stage this rank's files (DeepSpeed's own
     ``save_checkpoint`` for the optimizer, ``save_pretrained`` + ``state.json`` + ``ledger.json`` on
     rank 0) and hand them to the background :class:`~pipeline.checkpoint.CheckpointWriter`."""
@@ -166,8 +264,12 @@ class _Checkpoints:
         every = self.cfg.checkpoint.every
         return step == last or (every > 0 and (step + 1) % every == 0)
 
+    def observe(self, m: Mapping[str, float]) -> None:
+        if self.cfg.checkpoint.best_metric in m:
+            self.window.append(m[self.cfg.checkpoint.best_metric])
+
     def save(self, engine: Any, step: int, state: dict[str, Any], ledger: list[dict[str, Any]]) -> None:
-        from pipeline.checkpoint import checkpoint_name, stage_local
+        from pipeline.checkpoint import checkpoint_name, rng_state, stage_local
 
         d = stage_local()
         engine.save_checkpoint(str(d / "deepspeed"), tag=checkpoint_name(step))  # collective: every rank
@@ -179,25 +281,10 @@ class _Checkpoints:
         self.window = []
         self.writer.save(step, d, metric)
 
-
-def _resume_engine(engine: Any, ref: Mapping[str, Any], cfg: Config) -> None:
-    """Load DeepSpeed's optimizer state of a checkpoint into ``engine`` (weights were already read
-    from safetensors; DeepSpeed's module copy must agree with them)."""
-    import tempfile
-
-    from pipeline import checkpoint as ck
-    from pipeline import trainer as tr
-
-    with tempfile.TemporaryDirectory(prefix="score-resume-") as tmp:
-        local = ck.download(ref["path"], Path(tmp), cfg.data.s3)
-        sha = tr.weights_sha(engine.module)
-        tag = ck.checkpoint_name(ref["step"])
-        path, _ = engine.load_checkpoint(str(local / "deepspeed"), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
-        if path is None:
-            raise ck.CheckpointError(f"checkpoint {ref['path']}: DeepSpeed found no state under deepspeed/{tag}")
-    if tr.weights_sha(engine.module) != sha:
-        raise ck.CheckpointError(f"checkpoint {ref['path']}: DeepSpeed's model states disagree with policy/model.safetensors")
+    def stats(self) -> dict[str, float]:
+        st = self.writer.stats()
+        return {CKPT_RETRIES: float(st["retries"]), CKPT_FAILURES: float(st["failures"]),
+                CKPT_UPLOAD_S: float(st["last_upload_s"])}
 
 
 def mask_image(record: Mapping[str, Any], sampled: Any, logits: Any, grid: tuple[int, int, int],
@@ -214,56 +301,52 @@ def mask_image(record: Mapping[str, Any], sampled: Any, logits: Any, grid: tuple
                                                     top.reshape(T, gh, gw)])
 
 
+def record_metrics(use: Sequence[Mapping[str, Any]], scale: float, world: int, group_size: int,
+                   seconds: float) -> dict[str, float]:
+    """What the rollout records of a step say about the rollout side."""
+    from pipeline.update import ROLLOUTS_PER_S
+
+    return {RECORDS: float(len(use)) * scale,
+            "timing/rollout": float(np.mean([float(r.get("rollout_s", 0.0)) for r in use])),
+            CACHE_HIT: float(np.mean([float(r.get("cache_hit_rate", 0.0)) for r in use])),
+            ROLLOUTS_PER_S: len(use) * world * group_size / max(seconds, 1e-9)}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker loop (see module doc). ``config``: ``cfg`` (Config dump), ``stage``,
     ``store`` (PolicyStore actor name), ``stage_dir``, ``tensorboard``, ``init_policy``,
     ``quarantine`` (a QuarantineLog or None), ``resume`` (``{path, step, state}`` of a verified
     checkpoint, or None)."""
-    import deepspeed
-    import ray
     import ray.train
     import torch
 
     from actors.policy_store import get_store
     from actors.rollout import columns_to_records
-    from pipeline import checkpoint as ck
-    from pipeline import trainer as tr
+    from pipeline import update as up
     from pipeline.metrics import MetricsWriter, ProgressLine, mean_metrics, timed
-    from pipeline.policy import ScorePolicy
+    from pipeline.trainer import RolloutBatch, weights_sha
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    cfg = Config.model_validate(config["cfg"])
-    stage = config["stage"]
-    scfg = getattr(cfg.stage, stage)
+    cfg, stage = Config.model_validate(config["cfg"]), config["stage"]
+    scfg, lc, window = getattr(cfg.stage, stage), cfg.learner, cfg.learner.summary_window
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    timeout = cfg.run.call_timeout_s
-    store = get_store(config["store"], timeout) if rank == 0 else None
-    quarantine = config.get("quarantine")
-    resume = config.get("resume")
+    resume, quarantine = config.get("resume"), config.get("quarantine")
     rstate: dict[str, Any] = resume["state"] if resume else {}
-    start_step = int(resume["step"]) + 1 if resume else 0
-    version = int(rstate.get("version", 0))
-    counters = dict(rstate.get("counters", {}))
-    dropped_stale, dropped_shape = int(counters.get("dropped_stale", 0)), int(counters.get("dropped_shape", 0))
-    ledger: list[dict[str, Any]] = []
-    if resume and rank == 0:
-        ledger = json.loads(storage.read_bytes(storage.join(resume["path"], "ledger.json"), cfg.data.s3))
-    writer = (MetricsWriter(config["tensorboard"], purge_step=start_step or None)
-              if rank == 0 and config.get("tensorboard") else None)
-    ckpts = _Checkpoints(cfg, storage.join(config["stage_dir"], "checkpoints"), rank, world)
-    progress = ProgressLine(stage, scfg.steps, start_step, cfg.learner.progress_every_s) if rank == 0 else None
+    start_step, version = (int(resume["step"]) + 1 if resume else 0), int(rstate.get("version", 0))
+    dropped = {"dropped_stale": 0, "dropped_shape": 0} | {k: int(v) for k, v in rstate.get("counters", {}).items()}
+    lead = rank == 0
+    publisher = Publisher(get_store(config["store"], cfg.run.call_timeout_s), cfg.run.call_timeout_s) if lead else None
+    ledger = Ledger(json.loads(storage.read_bytes(storage.join(resume["path"], "ledger.json"), cfg.data.s3))
+                    if resume and lead else [], rank, world)
+    writer = MetricsWriter(config["tensorboard"], purge_step=start_step or None) if lead and config.get("tensorboard") else None
+    ckpts = Checkpoints(cfg, storage.join(config["stage_dir"], "checkpoints"), rank, world)
+    progress = ProgressLine(stage, scfg.steps, start_step, lc.progress_every_s) if lead else None
+    batches = iter(ray.train.get_dataset_shard("rollouts").iter_batches(
+        batch_size=scfg.batch_size, batch_format="numpy", prefetch_batches=lc.prefetch_batches))
 
-    shard = ray.train.get_dataset_shard("rollouts")
-    batches = iter(shard.iter_batches(batch_size=scfg.batch_size, batch_format="numpy",
-                                      prefetch_batches=cfg.learner.prefetch_batches))
-
-    t_start = time.perf_counter()
-    engine = None
-    history: list[dict[str, float]] = []
-    exhausted = False
-    t_last = time.perf_counter()
-    publishing = None  # the PolicyStore's reply to the last publish (rank 0)
+    opt, start_sha, history, exhausted = None, rstate.get("start_sha", ""), [], False
+    t_start = t_last = time.perf_counter()
     try:
         for step in range(start_step, scfg.steps):
             m: dict[str, float] = {}
@@ -273,157 +356,106 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 exhausted = True
                 break
             records = columns_to_records(batch)
-            kept, n_stale = filter_stale(records, version, cfg.rollout.max_staleness)
-            dropped_stale += n_stale
-            scale = 1.0 if kept else 0.0  # all stale: a zero-loss step keeps collectives aligned
-            use, n_shape = largest_shape_group(kept if kept else records)
-            dropped_shape += n_shape if kept else 0
-            used = {id(r) for r in use} if kept else set()
-            rb = tr.RolloutBatch.from_records(use)
-            if engine is None:
-                if resume:
-                    policy = load_checkpoint_policy(resume["path"], cfg)
-                elif config.get("init_policy"):
-                    policy = ScorePolicy.from_pretrained(config["init_policy"])
-                else:  # the rollout actors start from the same seeded weights (version 0)
-                    policy = tr.init_policy(int(rb.X.shape[-1]), cfg.policy, cfg.run.seed)
-                opt = torch.optim.AdamW(policy.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
-                engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=opt,
-                                                       config=deepspeed_config(cfg, stage))
-                if resume:
-                    _resume_engine(engine, resume, cfg)
-                    set_rng_state(rstate["rng"])
-                start_sha = rstate.get("start_sha") or tr.weights_sha(engine.module)
-            dev = engine.device
-            lr = tr.lr_at(step, scfg)
-            for g in engine.optimizer.param_groups:
-                g["lr"] = lr
-            adv = tr.advantages(rb, scfg)
-            m.update(tr.batch_metrics(rb, adv))
-            X, masks = rb.X.to(dev), rb.unpacked_masks().to(dev)
-            old, adv_d = rb.old_logits.to(dev), adv.to(dev)
-            passes = []
-            engine.train()
+            use, scale, n_stale, n_shape = usable_records(records, version, cfg.rollout.max_staleness)
+            dropped["dropped_stale"] += n_stale
+            dropped["dropped_shape"] += n_shape
+            rb = RolloutBatch.from_records(use)
+            if opt is None:
+                opt = build_engine(cfg, stage, int(rb.X.shape[-1]), config.get("init_policy"), resume)
+                start_sha = start_sha or weights_sha(opt.engine.module)
+            lr = up.lr_at(step, scfg)
+            opt.set_lr(lr)
             with timed(m, "learn"):
-                for _ in range(scfg.ppo_epochs):
-                    out = tr.surrogate(engine, X, rb.grid, masks, old, adv_d, scfg, rb.shift)
-                    engine.backward(out["loss"] * scale)
-                    engine.step()
-                    gn = engine.get_global_grad_norm()
-                    passes.append({
-                        tr.LOSS: float(out["loss"].detach()), tr.PG_LOSS: float(out["pg_loss"]),
-                        tr.ENTROPY: float(out["entropy"]), tr.CLIP_FRAC: float(out["clip_frac"]),
-                        tr.APPROX_KL: float(out["approx_kl"]), tr.RATIO: float(out["ratio"]),
-                        tr.KEEP_PROB: float(out["keep_prob"]),
-                        tr.GRAD_NORM: float(gn) if gn is not None else float("nan"),
-                    })
-            m.update(mean_metrics(passes))
+                m.update(up.ppo_update(opt, rb, scfg, loss_scale=scale))
             lag = float(version - rb.policy_version.float().mean())
             version += 1
-            if rank == 0:
-                # one publish in flight: the state is serialized into the call here (so the next
-                # optimizer step cannot change it), and the store's reply is awaited only before
-                # the next publish, off this step's critical path
+            if publisher is not None:
                 with timed(m, "weight_sync"):
-                    if publishing is not None:
-                        ray.get(publishing, timeout=timeout)
-                    publishing = store.publish.remote(version, engine.module.state_dict())
-            # the ledger: every record taken off the stream this step, learned or dropped (counted)
-            keys = [ledger_key(r.get("epoch", 0), r["sample_id"]) for r in records]
-            learned = [k for r, k in zip(records, keys) if id(r) in used]
-            dropped = [k for r, k in zip(records, keys) if id(r) not in used]
-            parts = _gather((learned, dropped), world)
-            if rank == 0:
-                ledger.append({"step": step, "ids": [k for p in parts for k in p[0]],
-                               "dropped": [k for p in parts for k in p[1]]})
-            if cfg.checkpoint.best_metric in m:
-                ckpts.window.append(m[cfg.checkpoint.best_metric])
-            due = ckpts.due(step, scfg.steps - 1)
-            if due:
+                    publisher.publish(version, opt.engine.module.state_dict())
+            ledger.record(step, records, use, scale)
+            ckpts.observe(m)
+            if due := ckpts.due(step, scfg.steps - 1):
                 with timed(m, "checkpoint"):
-                    ckpts.save(engine, step, {
+                    ckpts.save(opt.engine, step, {
                         "stage": stage, "step": step, "version": version, "run": cfg.run.name,
-                        "weights_sha": tr.weights_sha(engine.module), "start_sha": start_sha,
-                        "counters": {"dropped_stale": dropped_stale, "dropped_shape": dropped_shape},
-                        "config": cfg.model_dump(mode="json"), "metrics": mean_metrics(history[-5:] + [m]),
-                        "lr_schedule": {"step": step, "lr": lr}, "world": world, "created": time.time(),
-                    }, ledger)
+                        "weights_sha": weights_sha(opt.engine.module), "start_sha": start_sha,
+                        "counters": dropped, "config": cfg.model_dump(mode="json"),
+                        "metrics": mean_metrics(history[-window:] + [m]), "lr_schedule": {"step": step, "lr": lr},
+                        "world": world, "created": time.time()}, ledger.entries)
             now = time.perf_counter()
-            m.update({
-                tr.LR: lr, tr.VERSION: float(version), tr.VERSION_LAG: lag,
-                DROPPED_STALE: float(dropped_stale), DROPPED_SHAPE: float(dropped_shape), RECORDS: float(len(use)) * scale,
-                "timing/rollout": float(np.mean([float(r.get("rollout_s", 0.0)) for r in use])),
-                CACHE_HIT: float(np.mean([float(r.get("cache_hit_rate", 0.0)) for r in use])),
-                tr.ROLLOUTS_PER_S: len(use) * world * rb.group_size / max(now - t_last, 1e-9),
-            })
-            st = ckpts.writer.stats()
-            m.update({CKPT_RETRIES: float(st["retries"]), CKPT_FAILURES: float(st["failures"]),
-                      CKPT_UPLOAD_S: float(st["last_upload_s"])})
+            m.update({up.LR: lr, up.VERSION: float(version), up.VERSION_LAG: lag,
+                      DROPPED_STALE: float(dropped["dropped_stale"]), DROPPED_SHAPE: float(dropped["dropped_shape"])})
+            m.update(record_metrics(use, scale, world, rb.group_size, now - t_last))
+            m.update(ckpts.stats())
             t_last = now
-            if rank == 0 and (step % cfg.learner.log_every == 0 or step == scfg.steps - 1):
-                m[RETRIES] = float(ray.get(store.retries.remote(), timeout=timeout))
+            if lead and (step % lc.log_every == 0 or step == scfg.steps - 1):
+                m[RETRIES] = float(publisher.retries())
                 if quarantine is not None:
                     m[QUARANTINED] = float(quarantine.total())
             history.append(m)
-            if writer is not None and cfg.learner.image_every and step % cfg.learner.image_every == 0 and "thumb" in use[0]:
-                T = int(rb.X.shape[1])
-                writer.image(f"masks/{stage}", mask_image(use[0], rb.unpacked_masks()[0, 0], rb.old_logits[0],
-                                                          (T, *rb.grid)), step)
-            if progress is not None and (line := progress.update(step, m, (tr.KEPT, tr.SAFE_FRAC, tr.REWARD))):
-                print(line, flush=True)
-            if writer is not None and (due or step % cfg.learner.log_every == 0 or step == scfg.steps - 1):
-                writer.log(step, m)
-                if due:  # TensorBoard is durable up to every checkpoint (a resume purges what follows)
-                    writer.flush()
+            if lead:
+                _log_step(writer, progress, cfg, stage, step, m, rb, use[0], due)
             ray.train.report({k: v for k, v in m.items() if np.isfinite(v)} | {"step": step})
-        if publishing is not None:  # the last version is in the store before the stage reports done
-            ray.get(publishing, timeout=timeout)
+        if publisher is not None:  # the last version is in the store before the stage reports done
+            publisher.wait()
     finally:
         if writer is not None:
             writer.close()
         ckpt_stats = ckpts.writer.close(cfg.checkpoint.commit_timeout_s)
-
-    if rank == 0:
-        policy_dir = None
-        summary: dict[str, Any] = {"stage": stage, "steps_done": len(history), "exhausted": exhausted,
-                                   "start_step": start_step, "resumed_from": resume["path"] if resume else None,
-                                   "checkpoints": ckpt_stats | {"root": ckpts.root}}
-        # a stage resumed from its last step's checkpoint has nothing left to do but save
-        module = engine.module if engine is not None else (load_checkpoint_policy(resume["path"], cfg) if resume else None)
-        if module is not None:
-            start_sha = start_sha if engine is not None else rstate.get("start_sha", "")
-            policy_dir = _save_policy(module, config["stage_dir"].rstrip("/") + "/policy", cfg)
-            seconds = time.perf_counter() - t_start
-            rollouts = int(sum(h.get(RECORDS, 0.0) for h in history)) * world * scfg.group_size
-            summary.update({
-                "final_version": version, "dropped_stale": dropped_stale, "dropped_shape": dropped_shape,
-                "retries": int(ray.get(store.retries.remote(), timeout=timeout)),
-                "quarantined": quarantine.counts() if quarantine is not None else {},
-                "seconds": round(seconds, 3), "rollouts": rollouts,
-                "rollouts_per_s": rollouts / seconds if seconds > 0 else 0.0,
-                "first": mean_metrics(history[:5]), "last": mean_metrics(history[-5:]),
-                "start_sha": start_sha, "final_sha": tr.weights_sha(module), "policy": policy_dir,
-                "workers": world, "zero_stage": cfg.learner.zero_stage,
-                "steps_total": start_step + len(history),
-            })
-            storage.write_bytes(storage.join(config["stage_dir"], "ledger.json"), json.dumps(ledger).encode(), cfg.data.s3)
-        storage.write_bytes(storage.join(config["stage_dir"], "learner_summary.json"),
-                            (json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n").encode(), cfg.data.s3)
+    if lead:
+        _write_summary(cfg, config, stage, opt, resume, {
+            "steps_done": len(history), "exhausted": exhausted, "start_step": start_step,
+            "checkpoints": ckpt_stats | {"root": ckpts.root}, "final_version": version,
+            **dropped, "start_sha": start_sha,
+            "seconds": time.perf_counter() - t_start, "history": history, "workers": world,
+            "retries": publisher.retries(), "quarantined": quarantine.counts() if quarantine is not None else {},
+        }, ledger.entries)
 
 
-def load_checkpoint_policy(ckpt_path: str, cfg: Config) -> Any:
-    """A checkpoint's policy, read with safetensors (``s3://`` checkpoints are downloaded first)."""
-    import tempfile
+def _log_step(writer: Any, progress: Any, cfg: Config, stage: str, step: int, m: dict[str, float], rb: Any,
+              record: Mapping[str, Any], due: bool) -> None:
+    """Rank 0's TensorBoard scalars (and a mask image every ``learner.image_every`` steps) and its
+    progress line."""
+    from pipeline.update import KEPT, REWARD, SAFE_FRAC
 
-    from pipeline.policy import ScorePolicy
+    lc, last = cfg.learner, getattr(cfg.stage, stage).steps - 1
+    if writer is not None and lc.image_every and step % lc.image_every == 0 and "thumb" in record:
+        writer.image(f"masks/{stage}", mask_image(record, rb.unpacked_masks()[0, 0], rb.old_logits[0],
+                                                  (int(rb.X.shape[1]), *rb.grid)), step)
+    if progress is not None and (line := progress.update(step, m, (KEPT, SAFE_FRAC, REWARD))):
+        print(line, flush=True)
+    if writer is not None and (due or step % lc.log_every == 0 or step == last):
+        writer.log(step, m)
+        if due:  # TensorBoard is durable up to every checkpoint (a resume purges what follows)
+            writer.flush()
 
-    with tempfile.TemporaryDirectory(prefix="score-policy-") as tmp:
-        if storage.is_s3(ckpt_path):
-            for name in ("model.safetensors", "config.json"):
-                (Path(tmp) / name).write_bytes(storage.read_bytes(storage.join(ckpt_path, "policy", name), cfg.data.s3))
-            return ScorePolicy.from_pretrained(tmp)
-        return ScorePolicy.from_pretrained(Path(ckpt_path) / "policy")
 
+def _write_summary(cfg: Config, config: Mapping[str, Any], stage: str, opt: DeepSpeedOptimizer | None,
+                   resume: Mapping[str, Any] | None, run: dict[str, Any], ledger: list[dict[str, Any]]) -> None:
+    """Rank 0, at the end: the stage's final policy (``<stage dir>/policy``), ``ledger.json`` and
+    ``learner_summary.json``. A stage resumed from its last step's checkpoint has nothing left to do
+    but save that checkpoint's policy."""
+    from pipeline.checkpoint import load_policy
+    from pipeline.metrics import mean_metrics
+    from pipeline.trainer import weights_sha
+
+    history, seconds, window = run.pop("history"), run.pop("seconds"), cfg.learner.summary_window
+    summary: dict[str, Any] = {"stage": stage, "resumed_from": resume["path"] if resume else None,
+                               **{k: run[k] for k in ("steps_done", "exhausted", "start_step", "checkpoints")}}
+    module = opt.engine.module if opt is not None else (load_policy(resume["path"], cfg.data.s3) if resume else None)
+    if module is not None:
+        scfg = getattr(cfg.stage, stage)
+        rollouts = int(sum(h.get(RECORDS, 0.0) for h in history)) * run["workers"] * scfg.group_size
+        summary.update(run, **{
+            "seconds": round(seconds, 3), "rollouts": rollouts, "rollouts_per_s": rollouts / seconds if seconds > 0 else 0.0,
+            "first": mean_metrics(history[:window]), "last": mean_metrics(history[-window:]),
+            "final_sha": weights_sha(module), "zero_stage": cfg.learner.zero_stage,
+            "steps_total": run["start_step"] + len(history),
+            "policy": _save_policy(module, config["stage_dir"].rstrip("/") + "/policy", cfg),
+        })
+        storage.write_bytes(storage.join(config["stage_dir"], "ledger.json"), json.dumps(ledger).encode(), cfg.data.s3)
+    storage.write_bytes(storage.join(config["stage_dir"], "learner_summary.json"),
+                        (json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n").encode(), cfg.data.s3)
 
 def make_trainer(cfg: Config, stage: str, rollouts_ds: Any, *, store: str, stage_dir: str, tensorboard: str | None,
                  init_policy: str | None = None, quarantine: Any = None, resume: Mapping[str, Any] | None = None) -> Any:

@@ -66,7 +66,6 @@ class PolicyStore:
     def __init__(self) -> None:
         self._version = -1
         self._state: dict[str, np.ndarray] | None = None
-        self._published_at: dict[int, float] = {}
         self._attempts: dict[str, int] = {}
         self._in_flight: dict[str, str] = {}
         self._done = 0
@@ -87,7 +86,6 @@ class PolicyStore:
             raise ValueError(f"publish: version {version} is older than the stored {self._version}")
         self._state = to_numpy_state(state_dict)
         self._version = version
-        self._published_at[version] = time.time()
         return version
 
     def version(self) -> int:
@@ -101,9 +99,6 @@ class PolicyStore:
         if self._version > int(have):
             return self._version, self._state
         return self._version, None
-
-    def published_at(self, version: int) -> float | None:
-        return self._published_at.get(int(version))
 
     # -------------------------------------------------------------- rollout batch bookkeeping
     def begin_batch(self, key: str, actor: str = "") -> int:
@@ -173,7 +168,7 @@ def get_store(name: str, timeout_s: float = 60.0) -> Any:
             return ray.get_actor(name)
         except ValueError:
             if time.monotonic() > deadline:
-                from pipeline.ray_utils import RayTimeoutError
+                from actors.ray_utils import RayTimeoutError
 
                 raise RayTimeoutError(f"PolicyStore actor {name!r} not found within {timeout_s:.0f} s") from None
             time.sleep(0.2)

@@ -41,11 +41,11 @@ class Validator:
 
     def score(self, cand: Candidate) -> dict[str, Any]:
         """``{step, checkpoint, "<r>": accuracy, ..., score, videos, seconds}`` of one candidate."""
-        from actors.learner import load_checkpoint_policy
+        from pipeline.checkpoint import load_policy
         from pipeline.validation import score_policy
 
         t0 = time.perf_counter()
-        policy = load_checkpoint_policy(cand.checkpoint, self.cfg)
+        policy = load_policy(cand.checkpoint, self.cfg.data.s3)
         out = score_policy(self.adapter, policy, self.videos, self.cfg.validation.retentions)
         return {"step": cand.step, "checkpoint": cand.checkpoint, **({"averaged": list(cand.averaged)} if cand.averaged else {}),
                 **out, "videos": len(self.videos), "seconds": round(time.perf_counter() - t0, 3)}

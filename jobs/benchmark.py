@@ -12,7 +12,7 @@ Everything is a ratio measured in one run on one machine (absolute times depend 
    the full-token prefill (measured, extrapolated to full depth, and in FLOPs).
 2. ``scoring``: masked sequences/s of ``adapter.score`` (the rollout's one padded batch with the
    ``CE_full`` row) against a bare language-model forward over the same padded batch, at several keep
-   ratios, and of the padding-aware path (:func:`pipeline.bench.score_packed`, with and without a
+   ratios, and of the padding-aware path (:func:`pipeline.trainer.score_packed`, with and without a
    ``CE_full`` cache); the whole rollout (encode + policy + masks + score), with and without the
    vision-feature cache.
 3. ``actors``: the same rollout batches through 1 and 2 ``RolloutWorker`` Ray actors (throughput
@@ -212,10 +212,11 @@ def base_config(assets: dict, s: dict, work: Path, stage_steps: int | None = Non
 def bench_prefill(s: dict, device: str, layers_arg: str) -> dict[str, Any]:
     import torch
 
-    from pipeline.bench import LM_SHAPES, build_shaped_mllm, interleaved_times, lm_dims_of, prefill_rows
+    from benchmarks.shapes import LM_SHAPES, build_shaped_mllm, interleaved_times, lm_dims_of, prefill_rows
     from pipeline.config import PolicyConfig
     from pipeline.data.prompts import qa_prompt
-    from pipeline.evaluation import _sync, lm_dims, prefill_flops
+    from pipeline.evaluation import lm_dims, prefill_flops
+    from pipeline.metrics import sync as device_sync
     from pipeline.select import inference_forward, topk_keep
     from pipeline.trainer import init_policy
 
@@ -272,7 +273,7 @@ def bench_prefill(s: dict, device: str, layers_arg: str) -> dict[str, Any]:
             compressor(compiled)  # compiles (~25 s), outside the timed rounds
             fns["compressor_compiled"] = lambda: compressor(compiled)
         times = interleaved_times(fns, repeats=s["repeats"], warmup=0, budget_s=s["prefill_budget_s"],
-                                  sync=lambda: _sync(ad.device), clock=s["clock"])
+                                  sync=lambda: device_sync(ad.device), clock=s["clock"])
         by_r = {r: times[f"r{r}"] for r in keeps}
         rows = prefill_rows(by_r, dims, L_full, M)
         t_full, t_comp = by_r[1.0], times["compressor"]
@@ -316,9 +317,10 @@ def bench_prefill(s: dict, device: str, layers_arg: str) -> dict[str, Any]:
 def bench_scoring(s: dict, device: str) -> dict[str, Any]:
     import torch
 
-    from pipeline.bench import interleaved_times, padding_stats, score_packed
+    from benchmarks.shapes import interleaved_times, padding_stats
+    from pipeline.trainer import score_packed
     from pipeline.config import StageConfig
-    from pipeline.evaluation import _sync
+    from pipeline.metrics import sync as device_sync
     from pipeline.trainer import init_policy, rollout, select_target, step_generator
 
     ad, _ = score_tiny(device)
@@ -329,7 +331,7 @@ def bench_scoring(s: dict, device: str) -> dict[str, Any]:
     M = T * N
     pt = [select_target(x, 0) for x in samples]
     prompts, targets = [p for p, _ in pt], [t for _, t in pt]
-    sync = lambda: _sync(ad.device)  # noqa: E731
+    sync = lambda: device_sync(ad.device)  # noqa: E731
 
     def bare(batch):
         with torch.inference_mode():
@@ -582,7 +584,7 @@ def _rate(it, limit: int | None = None) -> dict[str, Any]:
 
 def bench_data(s: dict, cfg, assets: dict, consume_samples_s: float | None) -> dict[str, Any]:
     from pipeline.config import WorldConfig
-    from pipeline.data import stream
+    from actors import data_stream as stream
     from pipeline.trainer import iter_pseudo_videos_local, iter_videos_local, iter_world_pseudo_videos, iter_world_videos
 
     d = cfg.data
@@ -656,10 +658,10 @@ def bench_stage(s: dict, cfg) -> dict[str, Any]:
     import ray
 
     import actors.rollout as rollout_mod
-    from pipeline.bench import idle_fractions, wait_fractions
+    from benchmarks.shapes import idle_fractions, wait_fractions
 
     sys.path.insert(0, str(ROOT / "jobs"))
-    from train_stage import run_stage
+    from actors.stage import run_stage
 
     BenchStats, Timed = _make_timed_worker()
     stats = BenchStats.options(name=STATS_ACTOR).remote()
@@ -763,7 +765,7 @@ def headline(res: dict) -> dict[str, Any]:
 
 
 def markdown(res: dict, command: str, s: dict) -> str:
-    from pipeline.bench import fmt, md_table
+    from benchmarks.shapes import fmt, md_table
 
     m = res["machine"]
     L = [
@@ -809,7 +811,7 @@ def markdown(res: dict, command: str, s: dict) -> str:
               f"B={sc['B']}, G={sc['G']})", "",
               "`score`: today's rollout path, ONE `adapter.score` call over B x (G+1) rows (row 0 = all tokens, "
               "CE_full). `bare`: the language model alone over the very same padded batch (target: `score` at "
-              "most 15% above it). `padding-aware`: `pipeline.bench.score_packed` (CE_full in its own batch, masked "
+              "most 15% above it). `padding-aware`: `pipeline.trainer.score_packed` (CE_full in its own batch, masked "
               "rows padded only to their own max); `+ cache`: CE_full from a per-sample cache. Throughput in masked "
               "sequences/s (B*G per call).", ""]
         rows = [[f"{r['keep_ratio']:.2f}", f"{100 * r['pad_waste']:.0f}%", f"{100 * r['pad_waste_packed']:.0f}%",
@@ -975,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
         if ray_secs:
             import ray
 
-            from pipeline.ray_utils import ensure_ray
+            from actors.ray_utils import ensure_ray
 
             with section_timer(res, "assets"):
                 assets = make_assets(work, s)
@@ -989,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.print_on_execution_start = False
             roll = (res.get("scoring") or {}).get("rollout") or {}
             if "weight_sync" in sections:
-                from pipeline.bench import LM_SHAPES
+                from benchmarks.shapes import LM_SHAPES
 
                 with section_timer(res, "weight_sync"):
                     res["weight_sync"] = bench_weight_sync(s, {n: LM_SHAPES[n].hidden for n in s["lms"] if n in LM_SHAPES})

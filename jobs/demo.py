@@ -47,8 +47,8 @@ def stream_check(cfg) -> dict:
     """Stream stage 1 and stage 2 data once through Ray Data on a local cluster and summarise."""
     import ray
 
-    from pipeline.data import stream
-    from pipeline.ray_utils import ensure_ray
+    from actors import data_stream as stream
+    from actors.ray_utils import ensure_ray
 
     ensure_ray(cfg.run.ray_address)
     out = {}

@@ -30,7 +30,7 @@ import _bootstrap  # noqa: F401
 import numpy as np
 import torch
 
-from pipeline.baselines import SelectionContext, budget
+from pipeline.select import SelectionContext, budget
 from pipeline.data.world import heldout_videos
 from pipeline.config import ConfigError, MLLMConfig, WorldConfig
 from pipeline.data import readers

@@ -8,32 +8,13 @@ Every method gets the same frozen MLLM and the same K, so accuracies are compara
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-
-def budget(retention: float, num_tokens: int) -> int:
-    """``K = ceil(r * T*N)``, at least 1 and at most all tokens."""
-    if not 0.0 < retention <= 1.0:
-        raise ValueError(f"retention must be in (0, 1], got {retention}")
-    return max(1, min(num_tokens, math.ceil(retention * num_tokens - 1e-9)))
-
-
-@dataclass
-class SelectionContext:
-    """What a selector may look at besides X: the token grid, (oracle only) annotations, and
-    (FastV only) the prompt and the MLLM adapter."""
-
-    grid: tuple[int, int, int]  # (T, gh, gw)
-    frame_hw: tuple[int, int] = (0, 0)  # source frame size that the annotation boxes refer to
-    objects: list[dict[str, Any]] | None = None  # world annotations: [{id, boxes: [box|None per frame]}]
-    question_objects: list[int] | None = None  # ids of the objects the question is about
-    seed: int = 0
-    prompt: str | None = None  # the text prompt (with the video placeholder): FastV reads its last token
-    adapter: Any = None  # the frozen MLLM adapter (FastV runs its first layers); None for X-only methods
+from pipeline.select import SelectionContext, topk_keep
 
 
 def _index(sel: np.ndarray) -> torch.Tensor:
@@ -376,7 +357,6 @@ def fastv_select(X: torch.Tensor, k: int, ctx: SelectionContext, layer: int = 2)
     forward of the first ``layer + 1`` layers over the full sequence."""
     if ctx.adapter is None or ctx.prompt is None:
         raise ValueError("fastv selection needs the MLLM adapter and the prompt (SelectionContext.adapter/.prompt)")
-    from pipeline.select import topk_keep
 
     att = last_token_attention(ctx.adapter, X, ctx.prompt, layer)
     return topk_keep(att, k=k).cpu()

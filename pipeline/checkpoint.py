@@ -167,17 +167,18 @@ def latest_pointer(root: str, s3: S3Config | None = None) -> str | None:
 def download(ref: CheckpointRef | str, dest: Path, s3: S3Config | None = None) -> Path:
     """A local copy of a checkpoint (local checkpoints are used in place)."""
     path = ref.path if isinstance(ref, CheckpointRef) else ref
-    if not storage.is_s3(path):
-        return Path(path)
-    root = path[len("s3://"):].rstrip("/")
-    fs, _ = storage.filesystem(path, s3)
-    for f in storage.list_files(path, s3=s3):
-        rel = f[len("s3://"):][len(root):].lstrip("/")
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(f[len("s3://"):]) as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    return dest
+    return Path(path) if not storage.is_s3(path) else storage.download_dir(path, dest, s3)
+
+
+def load_policy(ckpt_path: str, s3: S3Config | None = None) -> Any:
+    """A checkpoint's policy (its ``policy/`` folder, read with safetensors; ``s3://`` checkpoints
+    are downloaded first)."""
+    from pipeline.policy import ScorePolicy
+
+    if not storage.is_s3(ckpt_path):
+        return ScorePolicy.from_pretrained(Path(ckpt_path) / "policy")
+    with tempfile.TemporaryDirectory(prefix="score-policy-") as tmp:
+        return ScorePolicy.from_pretrained(storage.download_dir(storage.join(ckpt_path, "policy"), tmp, s3))
 
 
 def delete(path: str, s3: S3Config | None = None) -> None:
@@ -373,3 +374,47 @@ __all__ = [
     "CheckpointError", "CheckpointRef", "CheckpointWriter", "checkpoint_name", "delete", "download", "fresh_run",
     "latest_pointer", "list_committed", "manifest_of", "resolve", "retry", "stage_local", "verify",
 ]
+
+
+def ledger_key(epoch: Any, sample_id: Any) -> str:
+    """A consumed sample in a stage's ledger: ``"<epoch>:<sample id>"`` (ids repeat across epochs)."""
+    return f"{int(epoch)}:{sample_id}"
+
+
+def consumed_by_epoch(ledger: list[dict[str, Any]]) -> dict[int, list[str]]:
+    """``{epoch: [sample ids]}`` the learner took off the stream (learned or dropped-and-counted);
+    a resumed stage skips exactly these."""
+    out: dict[int, list[str]] = {}
+    for entry in ledger:
+        for key in list(entry.get("ids", [])) + list(entry.get("dropped", [])):
+            e, sid = key.split(":", 1)
+            out.setdefault(int(e), []).append(sid)
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch global RNG states as JSON (restored by :func:`set_rng_state`)."""
+    import base64
+    import random
+
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    return {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), *[float(x) if isinstance(x, float) else int(x) for x in np_state[2:]]],
+            "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import base64
+    import random
+
+    import numpy as np
+    import torch
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))

@@ -9,6 +9,7 @@ that names the key.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -221,6 +222,7 @@ class LearnerConfig(_Strict):
     image_every: int = Field(10, ge=0, description="a mask-overlay image in TensorBoard every N learner steps (0: none)")
     image_size: int = Field(48, ge=8, description="frame thumbnails the rollout records carry for those images (pixels)")
     progress_every_s: float = Field(10.0, gt=0, description="a progress line with ETA at most this often")
+    summary_window: int = Field(5, ge=1, description="steps averaged into a stage summary's first/last figures")
 
 
 class CheckpointConfig(_Strict):
@@ -386,3 +388,37 @@ def config_from_args(args: argparse.Namespace) -> Config:
         return load_config(args.config, args.overrides)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Run-layout and resume flags of jobs/train_stage.py and jobs/train_curriculum.py."""
+    p.add_argument("--run", default=None, help="run name (default: run.name)")
+    p.add_argument("--storage", default=None, help="storage root, local or s3:// (default: run.storage)")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="resume from this checkpoint directory (default: the newest complete one of the run)")
+    p.add_argument("--fresh", action="store_true", help="start the run over; refuses if it exists unless --force")
+    p.add_argument("--force", action="store_true", help="with --fresh: delete the existing run first")
+
+
+def config_with_run_args(args: argparse.Namespace) -> Config:
+    """The config (``--run``/``--storage`` folded in); applies ``--fresh``/``--force``. Exits 1 with
+    one line on a bad config, a refused ``--fresh`` or ``--resume`` together with ``--fresh``."""
+    if args.run:
+        args.overrides.append(f"run.name={args.run}")
+    if args.storage:
+        args.overrides.append(f"run.storage={args.storage}")
+    cfg = config_from_args(args)
+    if args.force and not args.fresh:
+        sys.exit("error: --force only goes with --fresh")
+    if args.fresh:
+        if args.resume:
+            sys.exit("error: --fresh and --resume exclude each other")
+        from pipeline import storage
+        from pipeline.checkpoint import fresh_run
+
+        try:
+            if fresh_run(storage.join(cfg.run.storage, cfg.run.name), args.force, cfg.data.s3):
+                print(f"--fresh --force: deleted run {cfg.run.name} under {cfg.run.storage}")
+        except FileExistsError as e:
+            sys.exit(f"error: {e}")
+    return cfg

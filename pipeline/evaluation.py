@@ -16,10 +16,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from pipeline.baselines import SelectionContext, budget
+from pipeline.select import SelectionContext, budget
 from pipeline.data import readers
 from pipeline.data.prompts import qa_prompt
 from pipeline.mllm.base import MLLMAdapter
+from pipeline.metrics import sync
 
 
 @dataclass
@@ -129,11 +130,6 @@ def full_length(adapter: MLLMAdapter, v: EvalVideo) -> int:
     return int(adapter._template(qa_prompt(v.qa["question"]), None, v.X.shape[0], v.X.shape[1]).ids.numel())
 
 
-def _sync(device: Any) -> None:
-    if getattr(device, "type", str(device)) == "cuda":
-        torch.cuda.synchronize()
-
-
 def deployed_rounds(adapter: MLLMAdapter, encode: Callable[[], torch.Tensor],
                     select: Callable[[torch.Tensor], torch.Tensor] | None, prompt: str,
                     repeats: int = 5) -> dict[str, float]:
@@ -149,19 +145,19 @@ def deployed_rounds(adapter: MLLMAdapter, encode: Callable[[], torch.Tensor],
     for rep in range(max(1, repeats) + 1):
         X = encode()
         full = torch.arange(X.shape[0] * X.shape[1])
-        _sync(adapter.device)
+        sync(adapter.device)
         t0 = time.perf_counter()
         keep = full if select is None else select(X)
-        _sync(adapter.device)
+        sync(adapter.device)
         t1 = time.perf_counter()
         adapter.prefill(X, keep, prompt)
-        _sync(adapter.device)
+        sync(adapter.device)
         t2 = time.perf_counter()
         X = encode()
-        _sync(adapter.device)
+        sync(adapter.device)
         t3 = time.perf_counter()
         adapter.prefill(X, full, prompt)
-        _sync(adapter.device)
+        sync(adapter.device)
         if rep:  # round 0 warms up
             rounds.append((t1 - t0, t2 - t1, time.perf_counter() - t3))
     return {key: float(np.median(col)) for key, col in zip(("select_s", "prefill_s", "full_prefill_s"), zip(*rounds))}

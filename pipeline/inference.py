@@ -20,15 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.baselines import budget
+from pipeline.select import budget
 from pipeline.data.prompts import qa_prompt
 from pipeline.mllm.base import MLLMAdapter
+from pipeline.metrics import sync
 from pipeline.select import inference_forward, topk_keep
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def as_prompt(adapter: MLLMAdapter, question_or_prompt: str) -> str:
@@ -84,11 +80,11 @@ class CompressedMLLM:
         _, gh, gw = self.adapter.visual_grid(self.adapter._frames_for(t))
         r = self.retention if retention is None else float(retention)
         dev = next(self.policy.parameters()).device
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         z = self._forward(X.to(dev), (gh, gw))
         keep = topk_keep(z, r, grid=(t, gh, gw), min_per_frame=self.min_per_frame)
-        _sync(dev)
+        sync(dev)
         return keep.cpu(), time.perf_counter() - t0
 
     # ------------------------------------------------------------------ user API
@@ -114,10 +110,10 @@ class CompressedMLLM:
         inner = ad._prefill
 
         def timed(*args, **kwargs):
-            _sync(ad.device)
+            sync(ad.device)
             t0 = time.perf_counter()
             out = inner(*args, **kwargs)
-            _sync(ad.device)
+            sync(ad.device)
             timing["prefill"] = time.perf_counter() - t0
             return out
 

@@ -48,6 +48,12 @@ def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def sync(device: Any) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a timer reads real time."""
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize()
+
+
 @contextmanager
 def timed(metrics: dict[str, float], phase: str) -> Iterator[None]:
     """Time the block into ``metrics[f"timing/{phase}"]`` (seconds, added to any earlier value)."""

@@ -1,6 +1,7 @@
-"""Inference selection: deterministic global top-K over the policy's keep logits.
+"""Inference selection: the budget, the selection context every selector reads, and the SCORE
+policy's deterministic global top-K over its keep logits.
 
-``K = ceil(r * T*N)`` (:func:`pipeline.baselines.budget`) tokens with the highest logits over the
+``K = ceil(r * T*N)`` (:func:`budget`) tokens with the highest logits over the
 whole video, returned in original order (ascending flat index ``t*N + i``). Ties go to the lower
 index. With ``min_per_frame = m`` the best ``m`` tokens of every frame are taken first, then the
 remaining budget goes to the global top of the rest. Position ids are the kept tokens' ORIGINAL
@@ -9,14 +10,36 @@ ones; slicing them is the MLLM adapter's job.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from pipeline.baselines import SelectionContext, budget
-
 Tensor = torch.Tensor
+
+
+def budget(retention: float, num_tokens: int) -> int:
+    """``K = ceil(r * T*N)``, at least 1 and at most all tokens."""
+    if not 0.0 < retention <= 1.0:
+        raise ValueError(f"retention must be in (0, 1], got {retention}")
+    return max(1, min(num_tokens, math.ceil(retention * num_tokens - 1e-9)))
+
+
+@dataclass
+class SelectionContext:
+    """What a selector may look at besides X: the token grid, (oracle only) annotations, and
+    (FastV only) the prompt and the MLLM adapter."""
+
+    grid: tuple[int, int, int]  # (T, gh, gw)
+    frame_hw: tuple[int, int] = (0, 0)  # source frame size that the annotation boxes refer to
+    objects: list[dict[str, Any]] | None = None  # world annotations: [{id, boxes: [box|None per frame]}]
+    question_objects: list[int] | None = None  # ids of the objects the question is about
+    seed: int = 0
+    prompt: str | None = None  # the text prompt (with the video placeholder): FastV reads its last token
+    adapter: Any = None  # the frozen MLLM adapter (FastV runs its first layers); None for X-only methods
 
 
 def _stable_desc(x: Tensor) -> Tensor:

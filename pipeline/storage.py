@@ -106,6 +106,18 @@ def upload_dir(local: str | Path, dest: str, s3: S3Config | None = None) -> str:
     return dest
 
 
+def download_dir(path: str, dest: str | Path, s3: S3Config | None = None) -> Path:
+    """Copy every object under the ``s3://`` prefix ``path`` into the local folder ``dest``."""
+    dest = Path(dest)
+    fs, root = filesystem(path, s3)
+    for f in list_files(path, s3=s3):
+        target = dest / f[len("s3://"):][len(root):].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(f[len("s3://"):]) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return dest
+
+
 def localize(path: str, cache_dir: str | Path, s3: S3Config | None = None) -> Path:
     """A local directory with the contents of ``path``; an ``s3://`` prefix is downloaded once."""
     if not is_s3(path):
@@ -117,13 +129,7 @@ def localize(path: str, cache_dir: str | Path, s3: S3Config | None = None) -> Pa
         return dest
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    fs, root = filesystem(path, s3)
-    for f in list_files(path, s3=s3):
-        rel = f[len("s3://"):][len(root):].lstrip("/")
-        target = tmp / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(f[len("s3://"):]) as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    download_dir(path, tmp, s3)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     marker.touch()

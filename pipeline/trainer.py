@@ -11,10 +11,8 @@ Built from small pieces that the Ray roles reuse (DESIGN.md sections 1-2):
   scoring (:func:`score_packed`: ``CE_full`` from the cache or its own batch, the ``B x G`` masked
   rows sorted by length and padded only to their bucket's longest), then ``dCE`` and ``rho``. Returns a :class:`RolloutBatch`; :meth:`RolloutBatch.to_records` /
   :meth:`RolloutBatch.from_records` convert to and from per-sample rollout records.
-* **learn** (DeepSpeed learner) - :func:`advantages` + :func:`surrogate` (pure: split advantage,
-  clipped surrogate + entropy bonus) and :func:`learn` (``ppo_epochs`` passes of backward, grad
-  clip, optimizer step) -> metrics.
-* **loop** - :func:`train_step` (rollout -> learn, timed) and :func:`train_stage` (progress bar,
+* **learn** - :func:`pipeline.update.ppo_update`, the one update the DeepSpeed learner runs too.
+* **loop** - :func:`train_step` (rollout -> update, timed) and :func:`train_stage` (progress bar,
   TensorBoard scalars, summary line), :func:`train_curriculum_local` (stage 1 pseudo-videos, then
   stage 2 real videos from stage 1's saved policy).
 
@@ -61,31 +59,17 @@ import numpy as np
 import torch
 
 from pipeline.cache import ByteLRU
-from pipeline.config import Config, DataConfig, PolicyConfig, StageConfig, WorldConfig
+from pipeline.config import Config, DataConfig, LearnerConfig, PolicyConfig, StageConfig, WorldConfig
 from pipeline.data.prompts import CAPTION_PROMPT, qa_prompt
-from pipeline.loss import clipped_surrogate_loss
 from pipeline.metrics import MetricsWriter, format_metrics, mean_metrics, timed
 from pipeline.policy import ScorePolicy
-from pipeline.rewards import (PackedMasks, budget_shift, delta_ce, pack_masks, sample_masks, sparsity, split_advantage,
-                              unpack_masks)
+from pipeline.rewards import PackedMasks, budget_shift, delta_ce, pack_masks, sample_masks, sparsity, unpack_masks
+from pipeline.update import (KEEP_PROB, KEPT, LR, REWARD, ROLLOUTS_PER_S, SAFE_FRAC, VERSION, VERSION_LAG, Optimizer,
+                             TorchOptimizer, lr_at, ppo_update)
 
 Tensor = torch.Tensor
 STAGES = ("pseudo_video", "real_video")
 
-# metric names (TensorBoard tags), shared with the Ray learner
-REWARD = "reward"  # mean dCE over the batch's B*G rollouts
-DCE_MEAN, DCE_MIN, SAFE_FRAC = "dce/mean", "dce/min", "dce/safe_frac"
-RHO, KEPT = "sparsity/rho", "sparsity/kept_ratio"
-CE_FULL, CE_MASKED = "ce/full", "ce/masked"
-ADV_MEAN, ADV_STD, ADV_MIN, ADV_MAX = "adv/mean", "adv/std", "adv/min", "adv/max"
-ENTROPY, CLIP_FRAC, APPROX_KL, KEEP_PROB = "policy/entropy", "policy/clip_frac", "policy/approx_kl", "policy/keep_prob"
-GRAD_NORM, LOSS, PG_LOSS, RATIO, LR = "policy/grad_norm", "policy/loss", "policy/pg_loss", "policy/ratio", "policy/lr"
-SKIPPED = "policy/skipped_steps"
-VERSION, VERSION_LAG = "policy/version", "policy/version_lag"
-ROLLOUTS_PER_S = "rollouts/s"
-OBJECTIVE = "objective/safe_sparsity"  # mean of rho * [dCE > 0]: sparsity earned inside the safe zone
-SHIFT = "sparsity/logit_shift"  # mean logit shift b of budgeted rollouts (stage.rollout_budget); how far the policy's own rate is
-SUMMARY_KEYS = (REWARD, DCE_MIN, SAFE_FRAC, KEPT, KEEP_PROB, ENTROPY, ROLLOUTS_PER_S)
 
 
 # =============================================================================================
@@ -411,110 +395,13 @@ def rollout(
 
 
 # =============================================================================================
-# learn
-
-
-def advantages(batch: RolloutBatch, stage_cfg: StageConfig) -> Tensor:
-    """Split advantage ``[B, G]`` (float32, CPU) of a batch."""
-    return split_advantage(batch.dce, batch.rho, stage_cfg.penalty, stage_cfg.adv_eps,
-                           stage_cfg.penalty_scale_by_dce).float()
-
-
-def batch_metrics(batch: RolloutBatch, adv: Tensor | None = None) -> dict[str, float]:
-    """Reward-side metrics of a batch (what the rollouts measured)."""
-    m = {
-        REWARD: float(batch.dce.mean()),
-        DCE_MEAN: float(batch.dce.mean()),
-        DCE_MIN: float(batch.dce.min()),
-        SAFE_FRAC: float((batch.dce > 0).float().mean()),
-        RHO: float(batch.rho.mean()),
-        KEPT: float((1.0 - batch.rho).mean()),
-        CE_FULL: float(batch.ce_full.mean()),
-        CE_MASKED: float(batch.ce.mean()),
-        OBJECTIVE: float((batch.rho * (batch.dce > 0).float()).mean()),
-    }
-    if batch.shift is not None:
-        m[SHIFT] = float(batch.shift.mean())
-    if adv is not None:
-        a = adv.float()
-        m.update({ADV_MEAN: float(a.mean()), ADV_STD: float(a.std(unbiased=False)),
-                  ADV_MIN: float(a.min()), ADV_MAX: float(a.max())})
-    return m
-
-
-def surrogate(policy: torch.nn.Module, X: Tensor, grid: tuple[int, int], masks: Tensor, old_logits: Tensor,
-              adv: Tensor, stage_cfg: StageConfig, shift: Tensor | None = None) -> dict[str, Tensor]:
-    """Forward + clipped surrogate loss with entropy bonus (tensors already on the policy's device);
-    ``policy`` may be a DeepSpeed engine. ``shift[B]``: the rollouts' logit shift (the same constant
-    in the current policy, so the ratio compares like with like). Returns
-    :func:`clipped_surrogate_loss`'s dict."""
-    logits = policy(X, grid)
-    if shift is not None:
-        logits = logits + shift.to(logits.device, logits.dtype)[:, None]
-    return clipped_surrogate_loss(logits.float(), masks, old_logits, adv, clip=stage_cfg.clip,
-                                  entropy_coef=stage_cfg.entropy)
-
-
-def learn(policy: ScorePolicy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, stage_cfg: StageConfig) -> dict[str, float]:
-    """``ppo_epochs`` passes of (surrogate, backward, grad-norm clip, step) over the batch.
-
-    A pass whose gradient norm is not finite is skipped (counted in ``policy/skipped_steps``).
-    Policy metrics are averaged over the passes; reward metrics come from the batch.
-    """
-    dev = next(policy.parameters()).device
-    adv = advantages(batch, stage_cfg)
-    metrics = batch_metrics(batch, adv)
-    X = batch.X.to(dev)
-    masks = batch.unpacked_masks().to(dev)
-    old = batch.old_logits.to(dev)
-    adv_d = adv.to(dev)
-    policy.train()
-    passes: list[dict[str, float]] = []
-    skipped = 0
-    for _ in range(stage_cfg.ppo_epochs):
-        out = surrogate(policy, X, batch.grid, masks, old, adv_d, stage_cfg, batch.shift)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), stage_cfg.max_grad_norm)
-        if torch.isfinite(gn):
-            optimizer.step()
-        else:
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-        passes.append({
-            LOSS: float(out["loss"].detach()), PG_LOSS: float(out["pg_loss"]), ENTROPY: float(out["entropy"]),
-            CLIP_FRAC: float(out["clip_frac"]), APPROX_KL: float(out["approx_kl"]), RATIO: float(out["ratio"]),
-            KEEP_PROB: float(out["keep_prob"]), GRAD_NORM: float(gn),
-        })
-    metrics.update(mean_metrics(passes))
-    metrics[SKIPPED] = float(skipped)
-    return metrics
-
-
-def make_optimizer(policy: torch.nn.Module, stage_cfg: StageConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(policy.parameters(), lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
-
-
-def lr_at(step: int, stage_cfg: StageConfig) -> float:
-    """Linear warmup over ``warmup`` steps (step 0 gets ``lr / warmup``), then constant ``lr``."""
-    if stage_cfg.warmup <= 0:
-        return stage_cfg.lr
-    return stage_cfg.lr * min(1.0, (step + 1) / stage_cfg.warmup)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-
-
-# =============================================================================================
 # the loop
 
 
 def train_step(
     adapter: Any,
     policy: ScorePolicy,
-    optimizer: torch.optim.Optimizer,
+    opt: Optimizer,
     samples: Sequence[Mapping[str, Any]],
     stage_cfg: StageConfig,
     step: int,
@@ -522,14 +409,15 @@ def train_step(
     seed: int,
     cache: MutableMapping[Any, Tensor] | None = None,
 ) -> dict[str, float]:
-    """One step: rollout with the current weights (version ``step``) -> one learner update."""
+    """One step: rollout with the current weights (version ``step``) -> :func:`~pipeline.update.ppo_update`
+    through ``opt`` (a :class:`~pipeline.update.TorchOptimizer` over ``policy``)."""
     m: dict[str, float] = {}
     lr = lr_at(step, stage_cfg)
-    set_lr(optimizer, lr)
+    opt.set_lr(lr)
     with timed(m, "rollout"):
         batch = rollout(adapter, policy, samples, stage_cfg, step_generator(seed, step), step, seed=seed, cache=cache)
     with timed(m, "learn"):
-        m.update(learn(policy, optimizer, batch, stage_cfg))
+        m.update(ppo_update(opt, batch, stage_cfg))
     m[LR] = lr
     m[VERSION] = float(step)
     m[VERSION_LAG] = 0.0
@@ -595,10 +483,10 @@ def train_stage(
     *,
     name: str = "stage",
     cache: MutableMapping[Any, Tensor] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizer | None = None,
     progress: bool = True,
     log: Callable[[str], Any] | None = print,
-    window: int = 5,
+    window: int | None = None,
 ) -> dict[str, Any]:
     """Steps ``start_step .. stage_cfg.steps-1``: batches of equal-length samples from ``sample_iter``
     -> :func:`train_step`. Writes every step's scalars to ``writer``; shows a tqdm bar with ETA;
@@ -606,7 +494,8 @@ def train_stage(
     (metric means over the first/last ``window`` steps), start_sha, final_sha, exhausted, history}``."""
     from tqdm.auto import tqdm
 
-    optimizer = optimizer if optimizer is not None else make_optimizer(policy, stage_cfg)
+    window = window or LearnerConfig().summary_window
+    optimizer = optimizer if optimizer is not None else TorchOptimizer(policy, stage_cfg)
     batches = batched_by_length(sample_iter, stage_cfg.batch_size)
     start_sha = weights_sha(policy)
     history: list[dict[str, float]] = []
@@ -667,7 +556,7 @@ def iter_pseudo_videos_local(dcfg: DataConfig, seed: int, *, epochs: int | None 
                              quarantine: Counter | None = None) -> Iterator[dict[str, Any]]:
     """Stage-1 samples from ``dcfg.image_shards``, cycling epochs. Epoch ``e`` groups each shard's good
     images with ``shard_order(n, seed + e, basename)`` and :func:`group_consecutive` (epoch 0 is
-    exactly ``pipeline.data.stream.pseudo_video_dataset(cfg, seed)``; :func:`stage_samples` passes
+    exactly ``actors.data_stream.pseudo_video_dataset(cfg, seed)``; :func:`stage_samples` passes
     ``run.seed``). Each shard is decoded once and kept in memory (small local data sets; the Ray
     stream is the path for large ones). Bad input is counted in ``quarantine`` by reason and skipped."""
     from pipeline.data import readers
@@ -871,8 +760,8 @@ def train_curriculum_local(
 
 
 __all__ = [
-    "RolloutBatch", "select_target", "parse_qa", "rollout", "encode_sample", "score_packed", "length_buckets", "advantages",
-    "batch_metrics", "surrogate", "learn", "make_optimizer", "lr_at", "set_lr", "train_step", "train_stage",
+    "RolloutBatch", "select_target", "parse_qa", "rollout", "encode_sample", "score_packed", "length_buckets",
+    "train_step", "train_stage",
     "train_curriculum_local", "batched_by_length", "weights_sha", "stage_seed", "step_generator", "init_policy",
     "iter_pseudo_videos_local", "iter_videos_local", "iter_world_pseudo_videos", "iter_world_videos",
     "stage_samples",

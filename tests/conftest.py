@@ -32,7 +32,7 @@ def ray_cluster():
     controller lives, and without a dashboard of its own it would ask whatever listens on 8265."""
     import ray
 
-    from pipeline.ray_utils import ensure_ray
+    from actors.ray_utils import ensure_ray
 
     started = not ray.is_initialized()
     resources = ensure_ray(
@@ -47,10 +47,7 @@ def ray_cluster():
         ray.shutdown()
 
 
-def _free_port() -> int:
-    with _socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from actors.ray_utils import free_port as _free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")

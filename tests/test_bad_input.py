@@ -15,7 +15,7 @@ import pytest
 from conftest import make_images, make_videos
 
 from pipeline.config import DataConfig
-from pipeline.data import stream
+from actors import data_stream as stream
 from pipeline.data.quarantine import REASONS, format_counts
 from pipeline.data.shards import write_image_shard, write_video_shard
 

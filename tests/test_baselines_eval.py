@@ -15,9 +15,7 @@ import torch
 
 from pipeline.baselines import (
     SELECTORS,
-    SelectionContext,
     allocate,
-    budget,
     dycoke_select,
     fastvid_select,
     last_token_attention,
@@ -25,6 +23,7 @@ from pipeline.baselines import (
     uniform_spatial,
     visionzip_select,
 )
+from pipeline.select import SelectionContext, budget
 from pipeline.data.prompts import qa_prompt
 from pipeline.plots import check_png
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_lm_params_match_built_model():
     """The analytic parameter count (used for full-depth FLOPs) equals what lm_dims counts on a
     built model of the same shape; the built model has the real 14x14 grid per frame."""
-    from pipeline.bench import LM_SHAPES, build_shaped_mllm, lm_params
+    from benchmarks.shapes import LM_SHAPES, build_shaped_mllm, lm_params
     from pipeline.evaluation import lm_dims
     from pipeline.mllm import reference
 
@@ -42,7 +42,7 @@ def test_lm_params_match_built_model():
 
 
 def test_prefill_rows_ratios():
-    from pipeline.bench import prefill_rows
+    from benchmarks.shapes import prefill_rows
     from pipeline.evaluation import prefill_flops
 
     dims = {"params": 1000, "layers": 2, "hidden": 8}
@@ -58,7 +58,7 @@ def test_prefill_rows_ratios():
 
 
 def test_length_buckets_cover_rows_within_budget():
-    from pipeline.bench import length_buckets
+    from pipeline.trainer import length_buckets
 
     kept = [5, 1, 9, 3, 3, 7, 2, 8]
     b = length_buckets(kept)
@@ -75,7 +75,8 @@ def test_length_buckets_cover_rows_within_budget():
 def test_score_packed_equals_one_batch():
     """Padding-aware scoring (CE_full apart, masked rows length-sorted into buckets, CE_full from a
     cache) gives what the rollout's single padded adapter.score call gives."""
-    from pipeline.bench import padding_stats, score_packed
+    from benchmarks.shapes import padding_stats
+    from pipeline.trainer import score_packed
     from pipeline.mllm.loader import adapter_for
 
     model, tok = build_tiny_mllm("llava_onevision")
@@ -102,7 +103,7 @@ def test_score_packed_equals_one_batch():
 
 
 def test_wait_and_idle_fractions():
-    from pipeline.bench import idle_fractions, wait_fractions
+    from benchmarks.shapes import idle_fractions, wait_fractions
 
     w = wait_fractions([5.0, 0.1, 0.1, 0.0], [6.0, 1.0, 1.0, 1.0])
     assert w["all"] == pytest.approx(5.2 / 9.0, abs=1e-4) and w["steady"] == pytest.approx(0.2 / 3.0, abs=1e-4)

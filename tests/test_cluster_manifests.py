@@ -1,4 +1,4 @@
-"""KubeRay manifests under cluster/, validated offline (pipeline/k8s.py): RayCluster/RayJob strictly
+"""KubeRay manifests under cluster/, validated offline (cluster/validate.py): RayCluster/RayJob strictly
 against the KubeRay CRDs, core kinds with kubernetes-validate --strict, consistency with the repo
 and the run configs; and planted errors (a mutated copy) that the validator must reject."""
 
@@ -7,15 +7,17 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline import k8s
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # cluster/ is not part of the installed library
+from cluster import validate as k8s  # noqa: E402
 VARIANTS = ("small", "large")
 SHARED_CRDS = ROOT.parent / "shared" / "kuberay-crds"
 

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.baselines import SelectionContext, budget
+from pipeline.select import SelectionContext, budget
 from pipeline.config import PolicyConfig, StageConfig, load_config
 from pipeline.loss import clipped_surrogate_loss
 from pipeline.policy import ScorePolicy, surprise_state
@@ -328,7 +328,7 @@ TINY = dict(hidden=32, layers=2, heads=4)
 def test_policy_trains_after_inference_mode_selection():
     """The selector runs the policy under inference_mode; the fixed embeddings it caches must stay
     usable by a later training forward (an inference tensor there would break backward)."""
-    from pipeline.baselines import SelectionContext
+    from pipeline.select import SelectionContext
     from pipeline.select import make_score_selector
 
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import pytest
 from conftest import make_images, moving_square, upload_dir
 
 from pipeline.config import DataConfig, S3Config
-from pipeline.data import stream
+from actors import data_stream as stream
 from pipeline.data.pseudo_video import CAPTION_JOINER, join_captions, make_pseudo_video, segment_starts
 from pipeline.data.shards import encode_mp4, write_video_shard
 from pipeline.data.video import decode_video, sample_indices
@@ -211,7 +211,7 @@ def test_frames_sampled_from_short_and_long_videos(ray_cluster, tmp_path):
 def test_ensure_ray_reuses_and_probes(ray_cluster):
     from conftest import _free_port
 
-    from pipeline.ray_utils import RayTimeoutError, _check_reachable, ensure_ray
+    from actors.ray_utils import RayTimeoutError, _check_reachable, ensure_ray
 
     assert ensure_ray()["CPU"] == ray_cluster["CPU"] == 2  # already connected: unchanged
     with pytest.raises(RayTimeoutError, match="not reachable"):

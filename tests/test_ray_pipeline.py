@@ -95,7 +95,7 @@ def test_policy_store_and_rollout_worker(ray_cluster, assets):
 
     from actors.policy_store import create_store, store_name
     from actors.rollout import RolloutWorker, columns_to_records
-    from pipeline.data import stream
+    from actors import data_stream as stream
     from pipeline.trainer import RolloutBatch, init_policy
 
     cfg = _cfg(assets)
@@ -144,7 +144,7 @@ def test_stage_end_to_end(ray_cluster, assets, monkeypatch):
     staleness bound, TensorBoard has the scalars, the final policy is saved."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.syspath_prepend(str(ROOT / "jobs"))
-    from train_stage import run_stage
+    from actors.stage import run_stage
     from pipeline.policy import ScorePolicy
 
     cfg = _cfg(assets, "run.name=e2e")
@@ -247,7 +247,7 @@ def test_curriculum_as_ray_jobs(assets, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "jobs"))
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
-    from train_curriculum import LocalHead, _wait_job_server
+    from actors.curriculum import LocalHead, _wait_job_server
 
     head = LocalHead(timeout_s=120)
     try:
@@ -413,7 +413,7 @@ def test_rollout_actor_killed_mid_batch_is_restarted_and_retried(ray_cluster, as
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.syspath_prepend(str(ROOT / "jobs"))
-    from train_stage import run_stage
+    from actors.stage import run_stage
 
     steps = 6
     cfg = _cfg(assets, "run.name=killactor", f"stage.pseudo_video.steps={steps}", "stage.pseudo_video.group_size=16")
@@ -470,7 +470,7 @@ def test_staleness_gate_admits_by_learner_progress(ray_cluster, monkeypatch):
     finally:
         ray.kill(store)
     # what the learner's input path holds back (prefetch + OutputSplitter) beyond max_staleness;
-    # Ray's default splitter buffering, then the factor 0 every stage runs with (train_stage.DEFAULT_ENV)
+    # Ray's default splitter buffering, then the factor 0 every stage runs with (actors.stage.DEFAULT_ENV)
     monkeypatch.delenv("RAY_DATA_DEFAULT_OUTPUT_SPLITTER_MAX_BUFFERING_FACTOR", raising=False)
     assert gate_slack_batches(1, 2, 1) == 0 and gate_slack_batches(1, 0, 1) == 2 and gate_slack_batches(2, 2, 1) == 1
     monkeypatch.setenv("RAY_DATA_DEFAULT_OUTPUT_SPLITTER_MAX_BUFFERING_FACTOR", "0")
@@ -484,7 +484,7 @@ def test_stage_rollouts_stay_within_max_staleness(ray_cluster, assets, monkeypat
     the pool back, and no batch had to be forced through."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.syspath_prepend(str(ROOT / "jobs"))
-    from train_stage import run_stage
+    from actors.stage import run_stage
 
     steps = 8
     cfg = _cfg(assets, "run.name=stale", f"stage.pseudo_video.steps={steps}", "rollout.max_staleness=2")
@@ -519,7 +519,7 @@ def test_distributed_stage_matches_single_process_trainer(ray_cluster, assets, m
     accuracy is not compared: on this random tiny MLLM it is 0 for every run."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.syspath_prepend(str(ROOT / "jobs"))
-    from train_stage import run_stage
+    from actors.stage import run_stage
 
     from pipeline import trainer as tr
     from pipeline.config import MLLMConfig

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.baselines import SELECTORS, SelectionContext, budget, oracle_select, uniform_temporal
+from pipeline.baselines import SELECTORS, oracle_select, uniform_temporal
+from pipeline.select import SelectionContext, budget
 from pipeline.config import WorldConfig
 from pipeline.data.world import make_video, sample_rng
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pipeline import trainer as tr
+from pipeline import update as up
 from pipeline.config import Config, PolicyConfig, StageConfig, WorldConfig
 from pipeline.data.prompts import CAPTION_PROMPT, qa_prompt
 from pipeline.metrics import MetricsWriter, mean_metrics, timed
@@ -88,7 +89,7 @@ def test_metrics_helpers(tmp_path):
 
 
 def test_lr_schedule_warmup_then_constant():
-    assert [tr.lr_at(s, stage_cfg(steps=5, lr=1.0, warmup=2)) for s in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    assert [up.lr_at(s, stage_cfg(steps=5, lr=1.0, warmup=2)) for s in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
 
 
 # ------------------------------------------------------------------------------ rollout batch
@@ -169,10 +170,10 @@ def test_budgeted_rollout_keeps_the_budget_and_learns_from_the_shifted_policy(ll
     assert torch.allclose(b.old_logits, z + b.shift[:, None], atol=1e-5)  # behaviour = shifted policy
     back = tr.RolloutBatch.from_records(b.to_records())
     assert torch.equal(back.shift, b.shift)
-    adv = tr.advantages(back, scfg)
-    out = tr.surrogate(pol, back.X, back.grid, back.unpacked_masks(), back.old_logits, adv, scfg, back.shift)
+    adv = up.advantages(back, scfg)
+    out = up.surrogate(pol, back.X, back.grid, back.unpacked_masks(), back.old_logits, adv, scfg, back.shift)
     assert float(out["approx_kl"]) < 1e-8 and abs(float(out["ratio"]) - 1) < 1e-5
-    unshifted = tr.surrogate(pol, back.X, back.grid, back.unpacked_masks(), back.old_logits, adv, scfg)
+    unshifted = up.surrogate(pol, back.X, back.grid, back.unpacked_masks(), back.old_logits, adv, scfg)
     assert float(unshifted["approx_kl"]) > 1.0  # without the shift the ratio would compare other policies
     # a range draws a budget per sample
     wide = tr.rollout(llava, pol, samples, scfg.model_copy(update={"rollout_budget": (0.1, 0.5)}),
@@ -215,17 +216,17 @@ def test_rollout_rejects_mixed_lengths(llava):
 def test_learn_step_metrics_and_update(llava):
     scfg = stage_cfg(ppo_epochs=2)
     pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
-    opt = tr.make_optimizer(pol, scfg)
+    opt = up.TorchOptimizer(pol, scfg)
     b = tr.rollout(llava, pol, [make_sample(0), make_sample(1)], scfg, tr.step_generator(0, 0))
     before = tr.weights_sha(pol)
-    m = tr.learn(pol, opt, b, scfg)
+    m = up.ppo_update(opt, b, scfg)
     assert tr.weights_sha(pol) != before
-    for k in (tr.REWARD, tr.DCE_MEAN, tr.DCE_MIN, tr.SAFE_FRAC, tr.KEPT, tr.ADV_MEAN, tr.ADV_STD, tr.ADV_MIN,
-              tr.ADV_MAX, tr.ENTROPY, tr.CLIP_FRAC, tr.APPROX_KL, tr.KEEP_PROB, tr.GRAD_NORM):
+    for k in (up.REWARD, up.DCE_MEAN, up.DCE_MIN, up.SAFE_FRAC, up.KEPT, up.ADV_MEAN, up.ADV_STD, up.ADV_MIN,
+              up.ADV_MAX, up.ENTROPY, up.CLIP_FRAC, up.APPROX_KL, up.KEEP_PROB, up.GRAD_NORM):
         assert np.isfinite(m[k]), k
-    assert m[tr.REWARD] == pytest.approx(float(b.dce.mean()))
-    assert m[tr.KEPT] == pytest.approx(float(1 - b.rho.mean()))
-    assert m[tr.APPROX_KL] >= 0 and m[tr.SKIPPED] == 0
+    assert m[up.REWARD] == pytest.approx(float(b.dce.mean()))
+    assert m[up.KEPT] == pytest.approx(float(1 - b.rho.mean()))
+    assert m[up.APPROX_KL] >= 0 and m[up.SKIPPED] == 0
 
 
 # ------------------------------------------------------------------------------ determinism
@@ -242,7 +243,7 @@ def test_deterministic_for_a_seed(llava):
     for (k, a), (_, b) in zip(p1.state_dict().items(), p2.state_dict().items()):
         assert torch.equal(a, b), k
     assert s1["final_sha"] == s2["final_sha"] != s1["start_sha"]
-    assert [h[tr.REWARD] for h in s1["history"]] == [h[tr.REWARD] for h in s2["history"]]
+    assert [h[up.REWARD] for h in s1["history"]] == [h[up.REWARD] for h in s2["history"]]
     assert any(not torch.equal(a, b) for a, b in zip(p1.state_dict().values(), p3.state_dict().values()))
 
 
@@ -250,7 +251,7 @@ def test_resume_matches_uninterrupted(llava):
     """Steps draw masks from per-step generators: 2 + 2 steps (same optimizer) == 4 steps."""
     full, _ = _run(llava, seed=5, steps=4)
     pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
-    opt = tr.make_optimizer(pol, stage_cfg())
+    opt = up.TorchOptimizer(pol, stage_cfg())
     it = cycle(6)
     tr.train_stage(llava, pol, it, stage_cfg(steps=2), 5, optimizer=opt, progress=False, log=None)
     tr.train_stage(llava, pol, it, stage_cfg(steps=4), 5, start_step=2, optimizer=opt, progress=False, log=None)
@@ -266,11 +267,11 @@ def test_kept_ratio_falls_on_tiny_mllm(llava, tmp_path):
     with MetricsWriter(tmp_path / "tb") as w:
         s = tr.train_stage(llava, pol, cycle(6), scfg, 0, writer=w, progress=False, log=None, cache={})
     first, last = s["first"], s["last"]
-    assert last[tr.KEPT] < first[tr.KEPT] - 0.1, (first[tr.KEPT], last[tr.KEPT])
-    assert last[tr.KEEP_PROB] < first[tr.KEEP_PROB] - 0.1
-    assert last[tr.SAFE_FRAC] >= 0.9
+    assert last[up.KEPT] < first[up.KEPT] - 0.1, (first[up.KEPT], last[up.KEPT])
+    assert last[up.KEEP_PROB] < first[up.KEEP_PROB] - 0.1
+    assert last[up.SAFE_FRAC] >= 0.9
     assert s["steps_done"] == 30 and not s["exhausted"]
-    assert {"timing/rollout", "timing/learn", "timing/data", tr.ROLLOUTS_PER_S} <= set(s["history"][0])
+    assert {"timing/rollout", "timing/learn", "timing/data", up.ROLLOUTS_PER_S} <= set(s["history"][0])
 
 
 class ObjectTokenMLLM:
@@ -323,8 +324,8 @@ def test_learns_to_keep_the_tokens_that_matter():
     first, last = s["first"], s["last"]
     # 1 of 4 tokens per frame is the object: from ~0.85 kept and ~half the rollouts safe to
     # (nearly) only the object tokens, nearly always safe (measured: 0.25 kept, >= 0.98 safe)
-    assert last[tr.KEPT] < 0.45 < first[tr.KEPT] - 0.3, (first[tr.KEPT], last[tr.KEPT])
-    assert last[tr.SAFE_FRAC] >= 0.9 > first[tr.SAFE_FRAC] + 0.2, (first[tr.SAFE_FRAC], last[tr.SAFE_FRAC])
+    assert last[up.KEPT] < 0.45 < first[up.KEPT] - 0.3, (first[up.KEPT], last[up.KEPT])
+    assert last[up.SAFE_FRAC] >= 0.9 > first[up.SAFE_FRAC] + 0.2, (first[up.SAFE_FRAC], last[up.SAFE_FRAC])
     v = next(object_videos(1))
     X = ad.encode_video(v["frames"])
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Readers for the shard formats of :mod:`pipeline.data.shards`, local or ``s3://``.
 
-Pure functions (no Ray): the stream in :mod:`pipeline.data.stream` calls them inside Ray Data
+Pure functions (no Ray): the stream in :mod:`actors.data_stream` calls them inside Ray Data
 tasks. Anything wrong with one sample or one shard raises
 :class:`~pipeline.data.quarantine.BadSample` with a reason; callers quarantine and go on.
 

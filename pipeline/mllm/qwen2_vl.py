@@ -143,19 +143,6 @@ class Qwen2VLAdapter(MLLMAdapter):
         )
         return pos.masked_fill(~valid.unsqueeze(0), 0)
 
-    def full_rope_inputs(self, prompt: str, num_frames: int, target: str | None = None) -> dict:
-        """Processor-free built-in inputs for the full sequence: ``input_ids [1, L]``,
-        ``mm_token_type_ids``, ``video_grid_thw`` (and ``second_per_grid_ts`` for Qwen2.5-VL)."""
-        ids = self.full_input_ids(prompt, num_frames, target).unsqueeze(0).to(self.device)
-        t, gh, gw = self.visual_grid(num_frames)
-        out = {
-            "input_ids": ids,
-            "mm_token_type_ids": torch.where(ids == self.video_token_id, _VIDEO_TYPE, 0).to(torch.int32),
-            "video_grid_thw": torch.tensor([[t, gh * self.merge, gw * self.merge]], device=self.device),
-        }
-        out.update(self._rope_kwargs(1, self.device))
-        return out
-
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL: as Qwen2-VL, plus temporal M-RoPE ids spaced by

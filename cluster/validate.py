@@ -21,7 +21,7 @@ Three layers, each returning a list of one-line problems (empty = valid):
 
 :func:`validate_paths` runs all three over files/directories; :func:`variant_paths` names one
 variant (``small``/``large``: ``cluster/<variant>/*.yaml`` plus the shared ``cluster/*.yaml``).
-CLI: ``python -m pipeline.k8s [small large | PATH...]`` prints the problems, exit 1 if any.
+CLI: ``python cluster/validate.py [small large | PATH...]`` prints the problems, exit 1 if any.
 """
 
 from __future__ import annotations
@@ -226,11 +226,6 @@ def _custom_validator(kind: str, version: str, crd_dir: str) -> Any:
     schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata"})
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
-
-
-def custom_schema(kind: str, version: str = "v1", crd_dir: Path = CRD_DIR) -> dict[str, Any]:
-    """The strict JSON Schema of a KubeRay kind (``RayCluster``/``RayJob``)."""
-    return _custom_validator(kind, version, str(crd_dir)).schema
 
 
 def _json_path(path: Iterable[Any]) -> str:

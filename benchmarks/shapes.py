@@ -1,5 +1,5 @@
 """Pure helpers of the benchmark job (``jobs/benchmark.py``): model shapes, cost arithmetic,
-padding-aware scoring, wait/idle fractions and markdown tables. No Ray here.
+wait/idle fractions and markdown tables. No Ray here.
 
 * :data:`LM_SHAPES` - real widths of the language models of LLaVA-OneVision-0.5B (Qwen2-0.5B) and
   LLaVA-OneVision-7B (Qwen2-7B); :func:`build_shaped_mllm` builds a LLaVA-OneVision-class model with
@@ -9,9 +9,6 @@ padding-aware scoring, wait/idle fractions and markdown tables. No Ray here.
 * :func:`lm_params` - non-embedding parameters of such an LM at any depth (what
   :func:`pipeline.evaluation.lm_dims` counts on a built model), for FLOPs at full depth.
 * :func:`prefill_rows` - measured speedup next to the FLOPs-ratio limit per retention.
-* :func:`score_packed` - padding-aware scoring: ``CE_full`` in its own batch (or from a cache) and the
-  masked rows sorted by length into buckets, each one ``adapter.score`` call; returns what
-  ``adapter.score`` over ``[full, masks]`` returns, without padding every row to the full length.
 * :func:`wait_fractions`, :func:`idle_fractions` - data-wait share of learner steps and idle share
   of rollout actors.
 """
@@ -24,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from pipeline.baselines import budget
+from pipeline.select import budget
 from pipeline.evaluation import prefill_flops
 
 
@@ -140,14 +137,6 @@ def padding_stats(lengths: torch.Tensor) -> dict:
 
 
 # =============================================================================================
-# padding-aware scoring
-
-
-# the library's scoring (pipeline.trainer), re-exported for the benchmark job
-from pipeline.trainer import length_buckets, score_packed  # noqa: E402,F401
-
-
-# =============================================================================================
 # waits and idle time
 
 
@@ -239,12 +228,7 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def finite_positive(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-
 __all__ = [
     "LMShape", "LM_SHAPES", "lm_params", "lm_dims_of", "build_shaped_mllm", "prefill_rows", "padding_stats",
-    "length_buckets", "score_packed", "wait_fractions", "idle_fractions", "interleaved_times", "md_table", "fmt",
-    "finite_positive",
+    "wait_fractions", "idle_fractions", "interleaved_times", "md_table", "fmt",
 ]

@@ -46,8 +46,9 @@ import ray.data
 from pipeline.config import Config, DataConfig
 from pipeline.data import readers
 from pipeline.data.pseudo_video import group_consecutive, make_pseudo_video, shard_order
-from pipeline.data.quarantine import BadSample, QuarantineLog, QuarantineRecord, format_counts
-from pipeline.ray_utils import ensure_ray
+from actors.quarantine import QuarantineLog
+from pipeline.data.quarantine import BadSample, QuarantineRecord, format_counts
+from actors.ray_utils import ensure_ray
 
 SAMPLE_COLUMNS = ("sample_id", "kind", "frames", "caption", "qa", "objects", "segments", "source_ids", "source")
 IMAGE_PREFIX = "img:"

@@ -1,6 +1,6 @@
 """Connecting to Ray: an existing cluster when an address is given, else a fresh local one.
 
-Facts this relies on (Ray 2.60, see DESIGN.md section 6):
+Facts this relies on (Ray 2.60):
 
 - Plain ``ray.init()`` with no address silently attaches to any cluster found through
   ``$RAY_ADDRESS`` or ``/tmp/ray/ray_current_cluster`` (someone else's ``ray start``), so a local
@@ -16,22 +16,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Sequence
+from typing import Any
 
 import ray
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONNECT_TIMEOUT_S = 120.0
+from pipeline.config import RunConfig
+
+# one home for the default: the config's deadline for blocking Ray calls
+DEFAULT_CONNECT_TIMEOUT_S = RunConfig.model_fields["call_timeout_s"].default
 
 
 class RayTimeoutError(TimeoutError):
     """A Ray operation did not finish within its deadline."""
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a local head's or a dashboard's listeners)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -67,7 +69,7 @@ def ensure_ray(
             # a free port, never the default 8265: Ray Train's placement-group cleaner asks the
             # state API whether its controller lives, and a second local cluster's dashboard on
             # 8265 answers "unknown actor", which removes a healthy run's placement group
-            kwargs["dashboard_port"] = _free_port()
+            kwargs["dashboard_port"] = free_port()
         if object_store_memory is not None:
             kwargs["object_store_memory"] = object_store_memory
     elif num_cpus is not None or object_store_memory is not None:
@@ -90,20 +92,3 @@ def _check_reachable(address: str, timeout_s: float) -> None:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
         raise RayTimeoutError(f"Ray cluster at {address} not reachable within {timeout_s:.0f} s: {e}") from None
-
-
-def get_with_timeout(refs: Any, timeout_s: float, what: str = "ray.get") -> Any:
-    """``ray.get`` with a deadline that raises :class:`RayTimeoutError` naming ``what``."""
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise RayTimeoutError(f"{what}: no result within {timeout_s:.0f} s") from None
-
-
-def wait_all(refs: Sequence[Any], timeout_s: float, what: str = "ray.wait") -> list:
-    """Wait until every ref is ready (or raise :class:`RayTimeoutError`); returns the results."""
-    refs = list(refs)
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    if pending:
-        raise RayTimeoutError(f"{what}: {len(pending)} of {len(refs)} not ready within {timeout_s:.0f} s")
-    return ray.get(refs)
