@@ -127,12 +127,14 @@ class DeepSpeedOptimizer:
     def step(self) -> tuple[float, bool]:
         import torch
 
-        if self.engine.zero_optimization_stage() == 0:
+        if self.engine.zero_optimization_stage() == 0:  # no ZeRO optimizer: check before the engine steps
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             gn = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             if not np.isfinite(gn):
                 self.engine.zero_grad()
                 return gn, False
+            self.engine.step()
+            return gn, True
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         gn = float(norm) if norm is not None else float("nan")
@@ -237,15 +239,18 @@ class Ledger:
         self.entries, self.rank, self.world = entries, rank, world
 
     def record(self, step: int, records: Sequence[Mapping[str, Any]], used: Sequence[Mapping[str, Any]],
-               scale: float) -> None:
+               scale: float, stale: int, other_shape: int) -> tuple[int, int]:
+        """Add the step's records of every rank; returns its ``(stale, other_shape)`` drops summed
+        over ranks (so every rank's counters, and a checkpoint's, count the whole stage)."""
         from pipeline.checkpoint import ledger_key
 
         learned_ids = {id(r) for r in used} if scale > 0 else set()
         keys = [(ledger_key(r.get("epoch", 0), r["sample_id"]), id(r) in learned_ids) for r in records]
-        parts = _gather(([k for k, ok in keys if ok], [k for k, ok in keys if not ok]), self.world)
+        parts = _gather(([k for k, ok in keys if ok], [k for k, ok in keys if not ok], stale, other_shape), self.world)
         if self.rank == 0:
             self.entries.append({"step": step, "ids": [k for p in parts for k in p[0]],
                                  "dropped": [k for p in parts for k in p[1]]})
+        return sum(p[2] for p in parts), sum(p[3] for p in parts)
 
 
 class Checkpoints:
@@ -357,8 +362,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             records = columns_to_records(batch)
             use, scale, n_stale, n_shape = usable_records(records, version, cfg.rollout.max_staleness)
-            dropped["dropped_stale"] += n_stale
-            dropped["dropped_shape"] += n_shape
             rb = RolloutBatch.from_records(use)
             if opt is None:
                 opt = build_engine(cfg, stage, int(rb.X.shape[-1]), config.get("init_policy"), resume)
@@ -372,7 +375,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if publisher is not None:
                 with timed(m, "weight_sync"):
                     publisher.publish(version, opt.engine.module.state_dict())
-            ledger.record(step, records, use, scale)
+            n_stale, n_shape = ledger.record(step, records, use, scale, n_stale, n_shape)
+            dropped["dropped_stale"] += n_stale
+            dropped["dropped_shape"] += n_shape
             ckpts.observe(m)
             if due := ckpts.due(step, scfg.steps - 1):
                 with timed(m, "checkpoint"):
