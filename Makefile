@@ -1,12 +1,13 @@
-# Two commands: `make demo` and `make test`. Both create .venv on first use (CPU torch first,
-# so nothing pulls a CUDA build), and are idempotent afterwards.
+# `make demo`, `make test` (every test) and `make test-unit` (the fast `unit`-marked tests, under a
+# minute). All create .venv on first use (CPU torch first, so nothing pulls a CUDA build), and are
+# idempotent afterwards.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-unit clean
 
 venv: $(STAMP)
 
@@ -21,6 +22,9 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+test-unit: venv
+	$(BIN)/python -m pytest -q -m unit tests
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -9,8 +9,9 @@
    finished outputs (``learner_summary.json`` with all steps + ``policy/``) are in storage; a
    failed/stopped job is resubmitted as ``{run}-{stage}-r<N>``.
    Environment variables go in the job's ``runtime_env`` (never set inside the job's script). The
-   stage's log is streamed to the caller's log (polling ``get_job_logs``), and the stage must end
-   SUCCEEDED within ``run.job_timeout_s``. Stage 2 starts from stage 1's final policy
+   stage's log is streamed (polling ``get_job_logs``) whole to ``<run>/logs/<stage>.log`` and, its
+   own lines only (progress, summary: :func:`actors.logs.for_console`), to the caller's log; the
+   stage must end SUCCEEDED within ``run.job_timeout_s``. Stage 2 starts from stage 1's final policy
    (``--init-policy <storage>/<run>/pseudo_video/policy``).
 3. With ``validation.video_shards`` set, submits ``jobs/select_policy.py`` (``{run}-select``), which
    scores the last stage's kept checkpoints on the validation videos and names the best (with
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from actors.logs import for_console, plain, run_log_dir, shown_path, strip_ansi
 from actors.ray_utils import free_port
 from actors.stage import DEFAULT_ENV
 from pipeline.config import Config
@@ -38,15 +40,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def job_env(cfg: Config) -> dict[str, str]:
+def job_env(cfg: Config, api_server: str | None = None) -> dict[str, str]:
     """Environment of a stage job (its runtime_env): single-threaded BLAS on shared CPUs, a fast
-    Ray Train report cadence, a cached DeepSpeed extension dir, and whatever auth/S3 settings the
-    caller has (passed through, never read or stored here)."""
+    Ray Train report cadence, a cached DeepSpeed extension dir, the quiet settings of
+    :data:`actors.stage.DEFAULT_ENV`, the cluster's job/state API server (``api_server``, as
+    ``RAY_API_SERVER_ADDRESS``: Ray Train's placement-group cleaner asks it whether the run's
+    controller lives, instead of guessing among the machine's clusters), and whatever auth/S3
+    settings the caller has (passed through, never read or stored here)."""
     env = DEFAULT_ENV | {
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(cfg.learner.health_check_interval_s),
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }
+    if api_server:
+        env["RAY_API_SERVER_ADDRESS"] = api_server
     # DeepSpeed's compiled ops: torch's own cache (~/.cache/torch_extensions) unless the caller says otherwise
     for k in ("TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REQUEST_CHECKSUM_CALCULATION",
               "AWS_RESPONSE_CHECKSUM_VALIDATION", "AWS_EC2_METADATA_DISABLED"):
@@ -95,7 +102,13 @@ class LocalHead:
         self.address = f"127.0.0.1:{port}"
         self.url = f"http://127.0.0.1:{dash}"
 
-    def stop(self, timeout_s: float = 60.0) -> None:
+    @property
+    def logs(self) -> Path:
+        """Ray's own logs of this head's session (every process's output, Ray Train's and Ray Data's files)."""
+        return Path(self.tmp) / "session_latest" / "logs"
+
+    def stop(self, timeout_s: float = 60.0, keep_logs: str | Path | None = None) -> None:
+        """Stop the head and remove its temp dir; ``keep_logs``: first copy its session logs there."""
         import shutil
         import subprocess
 
@@ -107,6 +120,13 @@ class LocalHead:
                 self.proc.kill()
                 self.proc.wait(10)
         self.log.close()
+        if keep_logs is not None and self.logs.is_dir():
+            try:
+                shutil.copytree(self.logs, keep_logs, dirs_exist_ok=True, ignore_dangling_symlinks=True,
+                                ignore=shutil.ignore_patterns("*.sock", "*.pipe"))
+                shutil.copy2(Path(self.tmp) / "ray-start.log", Path(keep_logs) / "ray-start.log")
+            except (OSError, shutil.Error):
+                pass  # logs are a courtesy: never fail a finished run on them
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -123,7 +143,9 @@ def connect(cfg: Config) -> tuple[str, "LocalHead | None"]:
 
         if address not in ("auto", "local"):
             _check_reachable(address, cfg.run.call_timeout_s)
-        ctx = ray.init(address=address, log_to_driver=False)
+        import logging
+
+        ctx = ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)  # not "Connecting to ..."
         url = ctx.dashboard_url
         ray.shutdown()
         if not url:
@@ -163,8 +185,11 @@ def stage_entrypoint(cfg_path: str | None, overrides: list[str], stage: str, run
 
 
 def run_job(client: Any, submission_id: str, entrypoint: str, env: dict[str, str], timeout_s: float,
-            log: Callable[[str], Any] = print, poll_s: float = 1.0) -> tuple[str, str]:
+            log: Callable[[str], Any] = print, poll_s: float = 1.0, log_file: str | Path | None = None,
+            show: Callable[[str], str | None] | None = None) -> tuple[str, str]:
     """Submit (unless a job with that id exists), stream its log, wait for a terminal status.
+    Every line of the log goes to ``log_file`` (when given; without colour codes); ``log`` gets
+    ``"  | " + text`` for the lines ``show`` returns a text for (default: every line as it is).
     Returns ``(status, full_log)``."""
     try:
         client.get_job_info(submission_id)
@@ -178,21 +203,55 @@ def run_job(client: Any, submission_id: str, entrypoint: str, env: dict[str, str
                 if "agent" not in str(e).lower() or time.monotonic() > submit_deadline:
                     raise
                 time.sleep(1.0)
+    out = None
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_file, "w", encoding="utf-8")
     shown = 0
     deadline = time.monotonic() + timeout_s
-    while True:
-        status = _status(client, submission_id) or "PENDING"
-        logs = client.get_job_logs(submission_id)
-        if len(logs) > shown:
-            for line in logs[shown:].splitlines():
-                log(f"  | {line}")
-            shown = len(logs)
-        if status in TERMINAL:
-            return status, logs
-        if time.monotonic() > deadline:
-            client.stop_job(submission_id)
-            raise TimeoutError(f"job {submission_id} not finished within {timeout_s:.0f} s (stopped)")
-        time.sleep(poll_s)
+    try:
+        while True:
+            status = _status(client, submission_id) or "PENDING"
+            logs = client.get_job_logs(submission_id)
+            new = logs[shown:]
+            if status not in TERMINAL:  # a line still being written waits for its end
+                new = new[: new.rfind("\n") + 1]
+            if new:
+                shown += len(new)
+                if out is not None:
+                    out.write(strip_ansi(new))
+                    out.flush()
+                for line in new.splitlines():
+                    text = line if show is None else show(line)
+                    if text is not None:
+                        log(f"  | {text}")
+            if status in TERMINAL:
+                return status, logs
+            if time.monotonic() > deadline:
+                client.stop_job(submission_id)
+                raise TimeoutError(f"job {submission_id} not finished within {timeout_s:.0f} s (stopped)"
+                                   + (f"; its log: {log_file}" if log_file else ""))
+            time.sleep(poll_s)
+    finally:
+        if out is not None:
+            out.close()
+
+
+def job_log_path(logs_dir: Path, run: str, sid: str) -> Path:
+    """``<logs dir>/<job id without the run name>.log``: ``pseudo_video.log``, ``pseudo_video-r1.log``, ``eval.log``."""
+    name = sid[len(run) + 1:] if sid.startswith(f"{run}-") else sid
+    return logs_dir / f"{name}.log"
+
+
+class JobFailed(RuntimeError):
+    """A stage / selection / evaluation job ended other than SUCCEEDED (the message has its last log lines)."""
+
+
+def failure(what: str, sid: str, status: str, logs: str, log_file: Path | None) -> JobFailed:
+    """The error of a job that did not succeed: its last log lines, and where the whole log is."""
+    tail = "\n".join(plain(ln) for ln in logs.strip().splitlines()[-20:])
+    where = f" (whole log: {shown_path(log_file)})" if log_file else ""
+    return JobFailed(f"{what} (job {sid}) ended {status}; last log lines{where}:\n{tail}")
 
 
 def _last_json(logs: str) -> dict[str, Any]:
@@ -207,18 +266,20 @@ def _last_json(logs: str) -> dict[str, Any]:
 
 
 def run_once(client: Any, base: str, entrypoint: str, env: dict[str, str], cfg: Config,
-             log: Callable[[str], Any], what: str) -> tuple[str, str]:
+             log: Callable[[str], Any], what: str, logs_dir: Path | None = None) -> tuple[str, str]:
     """A one-shot job (the selection, the evaluation) under the first unused id of ``base``,
-    ``base-r1``, ...: ``(id, full log)``; raises, naming ``what``, unless it SUCCEEDED."""
+    ``base-r1``, ...: ``(id, full log)``; raises, naming ``what``, unless it SUCCEEDED. Its log
+    goes whole to ``<logs dir>/<what>.log``, its own lines to ``log``."""
     sid, n = base, 0
     while _status(client, sid) in TERMINAL:
         n += 1
         sid = f"{base}-r{n}"
-    log(f"[curriculum] {what}: job {sid} submitted")
-    status, logs = run_job(client, sid, entrypoint, env, cfg.run.job_timeout_s, log=log)
+    log_file = job_log_path(logs_dir, cfg.run.name, sid) if logs_dir is not None else None
+    log(f"[curriculum] {what}: job {sid} submitted" + (f" (log: {shown_path(log_file)})" if log_file else ""))
+    status, logs = run_job(client, sid, entrypoint, env, cfg.run.job_timeout_s, log=log, log_file=log_file,
+                           show=for_console if log_file else None)
     if status != "SUCCEEDED":
-        tail = "\n".join(logs.strip().splitlines()[-20:])
-        raise RuntimeError(f"{what} (job {sid}) ended {status}; last log lines:\n{tail}")
+        raise failure(what, sid, status, logs, log_file)
     return sid, logs
 
 
@@ -232,19 +293,22 @@ def _status(client: Any, sid: str) -> str | None:
 
 def run_curriculum(cfg: Config, cfg_path: str | None, overrides: list[str], client: Any,
                    log: Callable[[str], Any] = print, resume: str | None = None,
-                   evaluate: bool = True) -> dict[str, Any]:
+                   evaluate: bool = True, api_server: str | None = None) -> dict[str, Any]:
     """Both stages (see module doc). ``resume``: a checkpoint directory; its stage gets
     ``--resume`` (earlier stages must have finished), later stages start as usual. Without it each
-    stage job resumes from its own newest complete checkpoint by itself."""
+    stage job resumes from its own newest complete checkpoint by itself. ``api_server``: the
+    cluster's job server URL (see :func:`job_env`)."""
     from pipeline import storage
     from pipeline.checkpoint import verify
+    from pipeline.trainer import summary_line
 
     resume_stage = verify(resume.rstrip("/"), cfg.data.s3).state.get("stage") if resume else None
 
     run = cfg.run.name
     root = cfg.run.storage if storage.is_s3(cfg.run.storage) else str(Path(cfg.run.storage).resolve())
     run_dir = storage.join(root, run)
-    env = job_env(cfg)
+    logs_dir = run_log_dir(run_dir, run)
+    env = job_env(cfg, api_server)
     stages: dict[str, Any] = {}
     init_policy: str | None = None
     for stage in STAGES:
@@ -258,29 +322,34 @@ def run_curriculum(cfg: Config, cfg_path: str | None, overrides: list[str], clie
         done = finished_stage(cfg, run_dir, stage) if st is None else None
         if done is not None:
             log(f"[curriculum] {stage}: finished outputs in {storage.join(run_dir, stage)}, skipping")
+            log(f"  | {summary_line(done)}")
             summary = dict(done, job=None, skipped=True)
         else:
             skipped = st == "SUCCEEDED"
-            log(f"[curriculum] {stage}: job {sid} " + ("already SUCCEEDED, skipping" if skipped else "submitted"))
+            log_file = job_log_path(logs_dir, run, sid)
+            log(f"[curriculum] {stage}: job {sid} " + ("already SUCCEEDED, skipping" if skipped else "submitted")
+                + f" (log: {shown_path(log_file)})")
             entry = stage_entrypoint(cfg_path, overrides, stage, run, root, init_policy,
                                      resume if stage == resume_stage else None)
             status, logs = run_job(client, sid, entry, env, cfg.run.job_timeout_s,
-                                   log=(lambda s: None) if skipped else log)
+                                   log=(lambda s: None) if skipped else log, log_file=log_file, show=for_console)
             if status != "SUCCEEDED":
-                tail = "\n".join(logs.strip().splitlines()[-20:])
-                raise RuntimeError(f"stage {stage} (job {sid}) ended {status}; last log lines:\n{tail}")
+                raise failure(f"stage {stage}", sid, status, logs, log_file)
             summary = _last_json(logs)
             summary.update(job=sid, skipped=skipped)
+            if skipped and summary.get("stage"):
+                log(f"  | {summary_line(summary)}")
         stages[stage] = summary
         init_policy = summary.get("policy") or storage.join(run_dir, stage, "policy")
-    selection = run_selection_job(cfg, cfg_path, overrides, client, root, env, log) if cfg.validation.video_shards else None
+    selection = (run_selection_job(cfg, cfg_path, overrides, client, root, env, log, logs_dir)
+                 if cfg.validation.video_shards else None)
     final = storage.join(run_dir, "final", "policy")
     src = storage.join(selection["chosen"]["checkpoint"], "policy") if selection else init_policy
     for name in ("config.json", "model.safetensors"):
         storage.write_bytes(storage.join(final, name), storage.read_bytes(storage.join(src, name), cfg.data.s3), cfg.data.s3)
-    evaluation = run_evaluation_job(cfg, client, run_dir, final, env, log) if evaluate else None
+    evaluation = run_evaluation_job(cfg, client, run_dir, final, env, log, logs_dir) if evaluate else None
     return {
-        "run": run, "run_dir": run_dir,
+        "run": run, "run_dir": run_dir, "logs": str(logs_dir),
         "final_policy": final.rstrip("/") + "/",
         "tensorboard": stage_tensorboard_root(cfg, run_dir),
         "stage_dirs": {s: storage.join(run_dir, s) for s in STAGES},
@@ -303,7 +372,8 @@ def _scores(selection: dict[str, Any], which: str) -> dict[str, float]:
 
 
 def run_selection_job(cfg: Config, cfg_path: str | None, overrides: list[str], client: Any, root: str,
-                      env: dict[str, str], log: Callable[[str], Any] = print) -> dict[str, Any]:
+                      env: dict[str, str], log: Callable[[str], Any] = print, logs_dir: Path | None = None
+                      ) -> dict[str, Any]:
     """``jobs/select_policy.py`` on the last stage as a Ray job (``<run>-select``) under the storage
     ``root``: the checkpoint whose policy becomes the final one. A re-run with ``selection.json``
     in storage reads it."""
@@ -319,7 +389,7 @@ def run_selection_job(cfg: Config, cfg_path: str | None, overrides: list[str], c
     except Exception:  # noqa: BLE001  (not there yet)
         pass
     entry = stage_entrypoint(cfg_path, overrides, stage, cfg.run.name, root, script="select_policy.py")
-    sid, logs = run_once(client, f"{cfg.run.name}-select", entry, env, cfg, log, "select")
+    sid, logs = run_once(client, f"{cfg.run.name}-select", entry, env, cfg, log, "select", logs_dir)
     return _last_json(logs) | {"job": sid}
 
 
@@ -335,7 +405,7 @@ def eval_world(cfg: Config) -> Path | None:
 
 
 def run_evaluation_job(cfg: Config, client: Any, run_dir: str, final_policy: str, env: dict[str, str],
-                       log: Callable[[str], Any] = print) -> dict[str, Any] | None:
+                       log: Callable[[str], Any] = print, logs_dir: Path | None = None) -> dict[str, Any] | None:
     """``jobs/evaluate.py`` on the final policy as the run's last Ray job (``<run>-eval``), writing
     ``<run dir>/eval/``; returns its JSON summary (None, said in the log, when there is no world to
     evaluate on). A re-run with the results already in storage reads them instead."""
@@ -356,7 +426,8 @@ def run_evaluation_job(cfg: Config, client: Any, run_dir: str, final_policy: str
         pass
     parts = [sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--mllm", cfg.mllm.path, "--compressor", final_policy,
              "--world", str(world), "--out", out, "--limit", str(cfg.reference.eval_videos)]
-    sid, logs = run_once(client, f"{cfg.run.name}-eval", " ".join(shlex.quote(p) for p in parts), env, cfg, log, "eval")
+    sid, logs = run_once(client, f"{cfg.run.name}-eval", " ".join(shlex.quote(p) for p in parts), env, cfg, log, "eval",
+                         logs_dir)
     summary = _last_json(logs) | {"compressor": final_policy, "job": sid}
     storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, sort_keys=True, default=float).encode(),
                         cfg.data.s3)

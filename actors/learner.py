@@ -389,14 +389,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "world": world, "created": time.time()}, ledger.entries)
             now = time.perf_counter()
             m.update({up.LR: lr, up.VERSION: float(version), up.VERSION_LAG: lag,
-                      DROPPED_STALE: float(dropped["dropped_stale"]), DROPPED_SHAPE: float(dropped["dropped_shape"])})
-            m.update(record_metrics(use, scale, world, rb.group_size, now - t_last))
-            m.update(ckpts.stats())
+                      DROPPED_STALE: float(dropped["dropped_stale"]), DROPPED_SHAPE: float(dropped["dropped_shape"]),
+                      **record_metrics(use, scale, world, rb.group_size, now - t_last), **ckpts.stats()})
             t_last = now
             if lead and (step % lc.log_every == 0 or step == scfg.steps - 1):
                 m[RETRIES] = float(publisher.retries())
-                if quarantine is not None:
-                    m[QUARANTINED] = float(quarantine.total())
+                m.update({QUARANTINED: float(quarantine.total())} if quarantine is not None else {})
             history.append(m)
             if lead:
                 _log_step(writer, progress, cfg, stage, step, m, rb, use[0], due)
@@ -428,7 +426,10 @@ def _log_step(writer: Any, progress: Any, cfg: Config, stage: str, step: int, m:
         writer.image(f"masks/{stage}", mask_image(record, rb.unpacked_masks()[0, 0], rb.old_logits[0],
                                                   (int(rb.X.shape[1]), *rb.grid)), step)
     if progress is not None and (line := progress.update(step, m, (KEPT, SAFE_FRAC, REWARD))):
-        print(line, flush=True)
+        import sys  # straight to stdout: Ray Train's patched print would also log it (twice in the job log)
+
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
     if writer is not None and (due or step % lc.log_every == 0 or step == last):
         writer.log(step, m)
         if due:  # TensorBoard is durable up to every checkpoint (a resume purges what follows)
@@ -466,12 +467,26 @@ def make_trainer(cfg: Config, stage: str, rollouts_ds: Any, *, store: str, stage
                  init_policy: str | None = None, quarantine: Any = None, resume: Mapping[str, Any] | None = None) -> Any:
     """The stage's ``TorchTrainer`` (``fit()`` not called). Ray Train's own results go to
     ``<stage dir>/ray_train`` on the same storage (an ``s3://`` stage dir passes the project's S3
-    filesystem, custom endpoint included, as ``storage_filesystem``)."""
-    from ray.train import RunConfig, ScalingConfig
+    filesystem, custom endpoint included, as ``storage_filesystem``).
+
+    Quiet by construction: Ray Train logs at WARNING (its worker-group notices stay in its files
+    under the Ray session's ``logs/train/``; its per-report ``Reporting training result N:
+    TrainingReport(...)`` is dropped: :func:`actors.logs.quiet_train_worker`), workers print
+    unpatched (``RAY_TRAIN_ENABLE_PRINT_PATCH=0``, which Ray Train passes from this process to its
+    workers), DeepSpeed is told its accelerator (``DS_ACCELERATOR``, so it does not guess and warn
+    "Setting accelerator to CPU"), and the ingest options are given without the deprecated
+    ``exclude_resources`` that Ray Train's default sets (a ``RayDeprecationWarning`` per stage)."""
+    import functools
+
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train import DataConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from actors.logs import quiet_train_worker
 
     lc = cfg.learner
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(lc.health_check_interval_s))
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     resources: dict[str, float] = {"CPU": lc.cpus_per_worker}
     if lc.use_gpu:
         resources["GPU"] = 1
@@ -482,13 +497,20 @@ def make_trainer(cfg: Config, stage: str, rollouts_ds: Any, *, store: str, stage
         fs, ray_storage = storage.filesystem(ray_storage, cfg.data.s3)
     else:
         ray_storage = str(Path(ray_storage).resolve())
+    ex = DataContext.get_current().execution_options  # what DataConfig.default_ingest_options carries over
+    ingest = ExecutionOptions(resource_limits=ex.resource_limits, preserve_order=ex.preserve_order,
+                              verbose_progress=ex.verbose_progress)
+    accelerator = os.environ.get("DS_ACCELERATOR") or ("cuda" if lc.use_gpu else "cpu")
     return TorchTrainer(
-        train_loop_per_worker,
+        functools.partial(quiet_train_worker, train_loop_per_worker),
         train_loop_config={"cfg": cfg.model_dump(), "stage": stage, "store": store, "stage_dir": stage_dir,
                            "tensorboard": tensorboard, "init_policy": init_policy, "quarantine": quarantine,
                            "resume": dict(resume) if resume else None},
         scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=backend),
         datasets={"rollouts": rollouts_ds},
-        run_config=RunConfig(name=f"{cfg.run.name}-{stage}", storage_path=ray_storage, storage_filesystem=fs),
+        dataset_config=DataConfig(execution_options=ingest),
+        run_config=RunConfig(name=f"{cfg.run.name}-{stage}", storage_path=ray_storage, storage_filesystem=fs,
+                             logging_config=LoggingConfig(log_level="WARNING"),
+                             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}}),
     )

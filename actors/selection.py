@@ -59,7 +59,7 @@ def select(cfg: Config, stage: str = "real_video", log=print) -> dict:
     def progress(r: dict) -> None:
         done[0] += 1
         accs = " ".join(f"{x}={r[x]:.3f}" for x in (f"{x:g}" for x in cfg.validation.retentions))
-        log(f"[select] {describe(r)}: {accs} score={r['score']:.3f} ({r['seconds']:.1f} s) [{done[0]}/{len(todo)}]")
+        log(f"[select] {done[0]}/{len(todo)} {describe(r)}: {accs} score={r['score']:.3f} ({r['seconds']:.1f} s)")
 
     try:
         results, full = score_candidates(cfg, todo, progress)

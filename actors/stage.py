@@ -35,7 +35,12 @@ from pipeline.trainer import STAGES
 DEFAULT_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                # Ray Train's input split holds no extra rollout batches back waiting for locality
                # (it would add a version of staleness; see actors.rollout.gate_slack_batches)
-               "RAY_DATA_DEFAULT_OUTPUT_SPLITTER_MAX_BUFFERING_FACTOR": "0"}
+               "RAY_DATA_DEFAULT_OUTPUT_SPLITTER_MAX_BUFFERING_FACTOR": "0",
+               # Ray Train's workers print through its logger AND their stdout (every line twice in
+               # the job's log); unpatched, a worker's print is one line of its stdout
+               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+               # no tqdm bars from every actor loading the MLLM ("Loading weights") in the job's log
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def stage_paths(cfg: Config, stage: str) -> dict[str, str]:
@@ -121,6 +126,24 @@ def find_checkpoint(cfg: Config, stage: str, resume: str | None = None,
     return ck.resolve(storage.join(stage_paths(cfg, stage)["stage"], "checkpoints"), cfg.data.s3, warn=log)
 
 
+def _local_dashboard(cfg: Config) -> dict[str, Any]:
+    """For a local cluster this process is about to start: its dashboard port, named to every
+    process of the cluster as ``RAY_API_SERVER_ADDRESS``. Ray Train's placement-group cleaner (an
+    actor) asks the state API whether the run's controller lives; without an address it looks
+    for "the" local cluster and, with another one on the machine, fails with a traceback in the
+    log ("Found multiple active Ray instances") or asks the wrong one. (A stage job gets the
+    address in its runtime_env from the curriculum.) Empty when connecting to a cluster."""
+    import ray
+
+    if ray.is_initialized() or cfg.run.ray_address or os.environ.get("RAY_ADDRESS"):
+        return {}
+    from actors.ray_utils import free_port
+
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # before ray.init: its processes inherit it
+    return {"dashboard_port": port}
+
+
 def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None, resume: str | None = None,
               log: Callable[[str], Any] | None = print) -> dict[str, Any]:
     """Run one stage on the connected (or a fresh local) Ray cluster; returns the stage summary.
@@ -142,7 +165,8 @@ def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None, resume
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.learner.health_check_interval_s))
     # a local cluster gets the dashboard: Ray Train's placement-group cleaner polls the state API
-    resources = ensure_ray(cfg.run.ray_address, include_dashboard=True, timeout_s=cfg.run.call_timeout_s)
+    resources = ensure_ray(cfg.run.ray_address, include_dashboard=True, timeout_s=cfg.run.call_timeout_s,
+                           **_local_dashboard(cfg))
     check_resources(cfg, resources)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 try:
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     add_run_args(p)
     args = p.parse_args(argv)
     cfg = config_with_run_args(args)
+    if not (os.environ.get("RAY_ADDRESS") or cfg.run.ray_address):
+        # a local cluster, token auth on, said explicitly (else Ray prints a notice about its default)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     from actors.stage import run_stage

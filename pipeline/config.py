@@ -96,10 +96,21 @@ class DataConfig(_Strict):
 
 class MLLMConfig(_Strict):
     path: str = ".cache/score-tiny"
-    kind: Literal["auto", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3"] = "auto"
+    kind: str = Field("auto", description="adapter family (pipeline/mllm/registry.py); auto: config.json's model_type")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     compact_positions: bool = Field(False, description="re-index kept tokens 0..K-1 (default keeps original ids)")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        if v == "auto":
+            return v
+        from pipeline.mllm.registry import kinds  # here, not at the top: the family modules import torch
+
+        if v not in kinds():
+            raise ValueError(f"not a registered MLLM kind; known: auto, {', '.join(kinds())}")
+        return v
 
 
 class ReferenceConfig(_Strict):
@@ -260,6 +271,26 @@ class ValidationConfig(_Strict):
         return v
 
 
+class EvaluationConfig(_Strict):
+    """``jobs/evaluate.py``: every method at every retention on the world's held-out videos (its
+    command-line flags default to these)."""
+
+    retentions: list[float] = Field([0.05, 0.1, 0.25], min_length=1, description="top-K retention ratios")
+    videos: int = Field(200, ge=1, description="held-out videos evaluated (the first N)")
+    fastv_layer: int = Field(2, ge=0, description="decoder layer (0-based) whose last-token attention FastV reads")
+    timing_videos: int = Field(4, ge=0, description="videos timed in the deployment order")
+    timing_repeats: int = Field(5, ge=1, description="timing rounds per timed video")
+    overlay_retention: float = Field(0.1, gt=0, le=1, description="retention drawn in the selection overlays")
+    seed: int = 0
+
+    @field_validator("retentions")
+    @classmethod
+    def _in_unit_interval(cls, v: list[float]) -> list[float]:
+        if not all(0 < r <= 1 for r in v):
+            raise ValueError("every retention must be in (0, 1]")
+        return v
+
+
 class RunConfig(_Strict):
     name: str = Field("score-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: str = "runs"
@@ -281,6 +312,7 @@ class Config(_Strict):
     learner: LearnerConfig = LearnerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     validation: ValidationConfig = ValidationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
     def _sections_agree(self) -> "Config":
@@ -401,8 +433,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_with_run_args(args: argparse.Namespace) -> Config:
-    """The config (``--run``/``--storage`` folded in); applies ``--fresh``/``--force``. Exits 1 with
-    one line on a bad config, a refused ``--fresh`` or ``--resume`` together with ``--fresh``."""
+    """The config (``--run``/``--storage`` folded in); probes ``s3://`` run storage
+    (:func:`pipeline.storage.probe`); applies ``--fresh``/``--force``. Exits 1 with one line on a
+    bad config, a store that cannot be used, a refused ``--fresh`` or ``--resume`` together with
+    ``--fresh``: all before any Ray work."""
+    from pipeline import storage
+
     if args.run:
         args.overrides.append(f"run.name={args.run}")
     if args.storage:
@@ -410,10 +446,13 @@ def config_with_run_args(args: argparse.Namespace) -> Config:
     cfg = config_from_args(args)
     if args.force and not args.fresh:
         sys.exit("error: --force only goes with --fresh")
+    try:
+        storage.probe(storage.join(cfg.run.storage, cfg.run.name), cfg.data.s3)
+    except storage.StoreError as e:
+        sys.exit(f"error: {e}")
     if args.fresh:
         if args.resume:
             sys.exit("error: --fresh and --resume exclude each other")
-        from pipeline import storage
         from pipeline.checkpoint import fresh_run
 
         try:

@@ -140,7 +140,7 @@ def deployed_rounds(adapter: MLLMAdapter, encode: Callable[[], torch.Tensor],
     with all tokens]``: the selector sees the tokens the vision encoder has just produced and both
     prefills are timed in the same rounds (one clock, side by side). ``select=None`` keeps every
     token. On this CPU small work timed alone in a tight loop reads 2-3x faster than here, because
-    its ops and data stay in cache between calls (EXPERIMENTS.md, session 8)."""
+    its ops and data stay in cache between calls (EXPERIMENTS.md)."""
     rounds: list[tuple[float, float, float]] = []
     for rep in range(max(1, repeats) + 1):
         X = encode()
@@ -309,3 +309,28 @@ def results_markdown(results: dict) -> str:
             f"{row['option_accuracy']:.3f} | {row['prefill_ms']:.2f} | {row['speedup']:.2f} | {row['flops_ratio']:.3f} | "
             f"{row['select_ms']:.2f} | {row['select_pct_of_full_prefill_time']:.1f}% / {fl} |")
     return "\n".join(lines)
+
+
+def eval_summary(res: dict[str, Any], methods: list[str], retentions: list[float]) -> dict[str, Any]:
+    """The figures of an evaluation's JSON line: accuracy and % of full per method and retention,
+    speedup and FLOPs ratio per retention and, with SCORE, its overhead and whether it is ahead of
+    every baseline."""
+    acc = {m: {str(r): None for r in retentions} for m in methods}
+    pct = {m: {str(r): None for r in retentions} for m in methods}
+    for row in res["rows"]:
+        acc[row["method"]][str(row["retention"])] = row["accuracy"]
+        pct[row["method"]][str(row["retention"])] = row["pct_of_full"]
+    first = {r: next(row for row in res["rows"] if row["retention"] == r) for r in retentions}
+    summary = {
+        "full_accuracy": res["full"]["accuracy"], "accuracy": acc, "pct_of_full": pct,
+        "speedup": {str(r): first[r]["speedup"] for r in retentions},
+        "flops_ratio": {str(r): first[r]["flops_ratio"] for r in retentions},
+    }
+    if "score" in methods:
+        srows = [row for row in res["rows"] if row["method"] == "score"]
+        summary["policy_overhead"] = {"time_pct": max(row["select_pct_of_full_prefill_time"] for row in srows),
+                                      "flops_pct": srows[0]["select_flops_pct"]}
+        base = [m for m in methods if m not in ("score", "oracle")]
+        summary["score_ahead_of_baselines"] = {
+            str(r): all(acc["score"][str(r)] > acc[m][str(r)] for m in base) for r in retentions}
+    return summary

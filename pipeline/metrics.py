@@ -14,6 +14,7 @@ One training step produces a flat ``dict[str, float]`` whose keys are TensorBoar
 from __future__ import annotations
 
 import math
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,24 +122,44 @@ class MetricsWriter:
 class ProgressLine:
     """Line-based progress with ETA for processes whose stdout is a log (Ray jobs stream their
     logs, where a tqdm bar's carriage returns would pile up): :meth:`update` returns a line like
-    ``[stage] step 12/60 (20%) 0.8 s/step ETA 38s kept=0.85`` at most every ``every_s`` seconds
-    and at the last step, else None."""
+    ``[stage] step 12/60 (20%) 1.25 steps/s ETA 38s kept_ratio=0.85`` at most every ``every_s`` seconds
+    and at the last step, else None. The rate (and so the ETA) is measured from the end of the
+    first step this process ran, so its one-off costs (workers starting, ops compiling) do not
+    inflate the ETA. A console that sees such lines (:func:`progress_tag`) may redraw them in place."""
 
     def __init__(self, name: str, total: int, start: int = 0, every_s: float = 10.0):
         self.name, self.total, self.start, self.every_s = name, int(total), int(start), float(every_s)
         self.t0 = self.t_last = time.perf_counter()
+        self._first: tuple[int, float] | None = None  # (steps done, time) after the first step
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None, keys: Iterable[str] = ()) -> str | None:
         now = time.perf_counter()
         done = step + 1
+        if self._first is None:
+            self._first = (done, now)
         if now - self.t_last < self.every_s and done < self.total:
             return None
         self.t_last = now
-        rate = (now - self.t0) / max(1, done - self.start)
-        eta = rate * (self.total - done)
-        extra = f" {format_metrics(metrics, keys)}" if metrics else ""
+        d0, t0 = self._first
+        if done > d0:
+            steps_per_s = (done - d0) / max(now - t0, 1e-9)
+            rate, eta = f"{steps_per_s:.3g} steps/s", _hms((self.total - done) / steps_per_s)
+        else:  # only the first step so far: its time is mostly start-up, no rate to extrapolate
+            rate, eta = f"first step in {now - self.t0:.1f} s", ("0s" if done >= self.total else "?")
+        extra = f" {format_metrics(metrics, keys, short=True)}" if metrics else ""
         return (f"[{self.name}] step {done}/{self.total} ({100 * done / max(1, self.total):.0f}%) "
-                f"{rate:.2f} s/step ETA {_hms(eta)}{extra}")
+                f"{rate} ETA {eta}{extra}")
+
+
+# a progress line: ``[tag] step 12/60 ...`` (ProgressLine) or ``[tag] 3/14 ...`` (a count of items),
+# possibly behind the ``  | `` of a streamed job log
+PROGRESS = re.compile(r"^(?:\s*\|\s)?\[(?P<tag>[\w.-]+)\] (?:step )?\d+/\d+\b")
+
+
+def progress_tag(line: str) -> str | None:
+    """The tag of a progress line (``"pseudo_video"`` for ``[pseudo_video] step 3/60 ...``), else None."""
+    m = PROGRESS.match(line)
+    return m.group("tag") if m else None
 
 
 def _hms(seconds: float) -> str:
@@ -146,7 +167,8 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
 
 
-def format_metrics(metrics: Mapping[str, Any], keys: Iterable[str], digits: int = 3) -> str:
-    """``"key=value key=value"`` for the given keys present in ``metrics``."""
+def format_metrics(metrics: Mapping[str, Any], keys: Iterable[str], digits: int = 3, short: bool = False) -> str:
+    """``"key=value key=value"`` for the given keys present in ``metrics`` (``short``: each key
+    without its TensorBoard group, ``kept_ratio`` for ``sparsity/kept_ratio``)."""
     sc = scalars(metrics)
-    return " ".join(f"{k}={sc[k]:.{digits}g}" for k in keys if k in sc)
+    return " ".join(f"{k.rsplit('/', 1)[-1] if short else k}={sc[k]:.{digits}g}" for k in keys if k in sc)

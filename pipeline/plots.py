@@ -122,7 +122,8 @@ def mask_strip(frames: np.ndarray, masks: Sequence[np.ndarray], max_frames: int 
     ``max_frames`` evenly spaced steps are shown."""
     T = int(masks[0].shape[0]) if masks else len(frames)
     src = frame_for_step(len(frames), T)
-    cols = sorted({round(i * (T - 1) / max(1, max_frames - 1)) for i in range(min(T, max_frames))})
+    n = min(T, max_frames)
+    cols = sorted({round(i * (T - 1) / max(1, n - 1)) for i in range(n)})
     rows = [[frames[src[t]] for t in cols]] + [[masked_frame(frames[src[t]], np.asarray(m[t], bool)) for t in cols]
                                               for m in masks]
     h, w = frames.shape[1:3]

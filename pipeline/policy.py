@@ -1,6 +1,6 @@
 """SCORE policy: a small surprise-augmented transformer that scores every visual token.
 
-State (DESIGN.md section 1), from the frozen MLLM's visual tokens ``X[B, T, N, D]`` (``N = gh*gw``
+State (docs/design.md), from the frozen MLLM's visual tokens ``X[B, T, N, D]`` (``N = gh*gw``
 tokens per frame, row-major):
 
 * residual ``R[t] = X[t] - X[t-1]`` per grid position, ``R[0] = 0``;
@@ -13,7 +13,7 @@ Trunk: ``layers`` pre-LN transformer blocks. ``factorized=True``: spatial attent
 frame (sequence N), then temporal attention along each grid position (sequence T), then an MLP;
 ``factorized=False``: full attention over all ``T*N`` tokens, then an MLP. ``layers=0``: no trunk,
 every token scored from its own state (on score-tiny half the cost, a little weaker at 10%
-retention, EXPERIMENTS.md session 8). Head: LN -> Linear -> one
+retention, EXPERIMENTS.md). Head: LN -> Linear -> one
 keep logit ``z`` per token; its weight starts at zero and its bias at ``init_keep_logit``, so the
 initial keep probability of every token is exactly ``sigmoid(init_keep_logit)``.
 

@@ -1,4 +1,4 @@
-"""SCORE rewards and advantages: pure tensor functions (DESIGN.md section 1).
+"""SCORE rewards and advantages: pure tensor functions (docs/design.md).
 
 Notation: ``B`` samples, ``G`` rollouts (masks) per sample, ``M`` visual tokens per sample
 (``M = T*N``, flattened row-major over ``(t, gh, gw)``). A mask ``m[b, g, i]`` is True where token
@@ -142,7 +142,7 @@ def delta_ce(ce_full: Tensor, ce_masks: Tensor, tau_abs: float, tau_rel: float) 
 def split_advantage(
     dce: Tensor, rho: Tensor, penalty: float, eps: float, scale_by_dce: bool = False
 ) -> Tensor:
-    """Split advantage ``(dCE[B, G], rho[B, G]) -> A[B, G]`` (DESIGN.md section 1).
+    """Split advantage ``(dCE[B, G], rho[B, G]) -> A[B, G]`` (docs/design.md).
 
     * safe rollouts ``S = {g : dCE_g > 0}`` (strict; ``dCE == 0`` is a violation):
       ``A_g = (rho_g - mean_S rho) / (std_S rho + eps)``, with the POPULATION std over ``S``

@@ -1,6 +1,6 @@
 """Single-process SCORE trainer (no Ray): the reference the distributed pipeline must match.
 
-Built from small pieces that the Ray roles reuse (DESIGN.md sections 1-2):
+Built from small pieces that the Ray roles reuse (docs/design.md):
 
 * **targets** - :func:`select_target`: pseudo-video -> ``(CAPTION_PROMPT, joined caption)``;
   video -> one QA pair ``(qa_prompt(question), answer)`` chosen by ``crc32(f"{seed}:{sample_id}")``

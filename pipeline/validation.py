@@ -1,20 +1,16 @@
 """Choosing the run's final policy on validation videos (model selection, not evaluation).
 
-RL against a frozen MLLM can end worse than it was mid-run: one Ray run of the demo config saw its
-stage-2 safe fraction fall from 0.82 to 0.69 and ended 20 points below its twin (EXPERIMENTS.md,
-session 6). So the final policy is chosen, not assumed: the candidates are a stage's kept
+RL against a frozen MLLM can end worse than it was mid-run (a Ray run of the demo config once saw its
+stage-2 safe fraction fall from 0.82 to 0.69 and end 20 points below its twin; EXPERIMENTS.md). So the final policy is chosen, not assumed: the candidates are a stage's kept
 checkpoints (``checkpoint.keep_every``), each scored by greedy QA accuracy at top-K on the
 validation split. The evaluation never reads that split, so the figures it reports stay unbiased.
 
 Picking the best of a dozen checkpoints on validation also picks up its noise: late checkpoints
 differ by 2-4 videos in 1,000, and a trunk-less Ray run chose one that scored 0.896 at 10% on the
-test set where its neighbours scored up to 0.909 (EXPERIMENTS.md, sessions 8-10). With
+test set where its neighbours scored up to 0.909 (EXPERIMENTS.md). With
 ``validation.average_last = k`` the final policy is instead the weight average of the stage's last
 ``k`` checkpoints on the ``keep_every`` grid (checkpoint averaging, as Vaswani et al. 2017 averaged
 their last checkpoints): no choice, so no selection noise; validation scores it for the record.
-(Measured: it lifted trunk-less run 10 from 0.896 to 0.905 at 10% on the test set; a third
-trunk-less run still missed the bar with it, so the demo keeps its attention layer and the
-best-checkpoint choice.)
 ``jobs/select_policy.py`` fans the candidates out over Ray actors; this module is the math.
 """
 

@@ -85,15 +85,17 @@ class RcloneS3:
     moto it keeps its objects across :meth:`stop` / :meth:`start`, so a test can take the store
     away mid-upload and bring it back. Buckets are the folder's top-level directories."""
 
-    def __init__(self, root: _Path):
+    def __init__(self, root: _Path, *, auth_key: str = "testing,testing", read_only: bool = False):
         self.root, self.port, self.proc = root, _free_port(), None
         self.url = f"http://127.0.0.1:{self.port}"
+        self.auth_key, self.read_only = auth_key, read_only
 
     def start(self) -> None:
         exe = _Path(_sys.executable).with_name("rclone")
         self.proc = _subprocess.Popen(
-            [str(exe), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key", "testing,testing",
-             "--no-cleanup", str(self.root)], stdout=_subprocess.DEVNULL, stderr=_subprocess.DEVNULL)
+            [str(exe), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key", self.auth_key,
+             "--no-cleanup", *(["--read-only"] if self.read_only else []), str(self.root)],
+            stdout=_subprocess.DEVNULL, stderr=_subprocess.DEVNULL)
         deadline = _time.monotonic() + 30
         while True:
             try:
@@ -201,84 +203,22 @@ def shard_root(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- tiny random MLLMs (CPU, float32)
-TINY_KINDS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3")
-TINY_WORDS = (
-    "what color shape is the a an circle square triangle cross red blue green yellow "
-    "moves left right up down first then and it which object appears video describe answer"
-).split()
-
-
 def build_tiny_mllm(kind: str, *, vision_layers: int = 1, seed: int = 0):
-    """``(model, tokenizer)``: a tiny random model of ``kind`` (float32, sdpa, eval) over the
-    word-level tokenizer. LLaVA-OV: SigLIP 16x16 frames, patch 4 -> 2x2 tokens per frame
-    (``vision_layers=0`` is the score-tiny layout); Qwen: patch 4, merge 2, temporal patch 2;
-    Idefics3: 16x16, patch 4, scale factor 2 -> 2x2 tokens per frame."""
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-    )
+    """``(model, tokenizer)``: the tiny random model of family ``kind`` (float32, sdpa, eval), made
+    by the family's own tiny builder (pipeline/mllm/registry.py) over the word-level tokenizer."""
+    from pipeline.mllm.registry import family
 
-    import torch
-
-    from pipeline.mllm.idefics3 import SPECIAL_TOKENS as IDEFICS_TOKENS
-    from pipeline.mllm.tokenizer import build_word_tokenizer
-
-    special = ["<video>", "<image>"] + (IDEFICS_TOKENS[1:] if kind == "idefics3" else [])
-    tok = build_word_tokenizer(TINY_WORDS, special)
-    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    text = dict(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **ids,
-    )
-    video_id, image_id = tok.convert_tokens_to_ids("<video>"), tok.convert_tokens_to_ids("<image>")
-    torch.manual_seed(seed)
-    if kind == "llava_onevision":
-        cfg = LlavaOnevisionConfig(
-            vision_config=dict(
-                model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
-                num_hidden_layers=vision_layers, num_attention_heads=2, image_size=16, patch_size=4,
-            ),
-            text_config=dict(model_type="qwen2", **text),
-            image_token_index=image_id, video_token_index=video_id,
-            vision_feature_layer=-1, vision_feature_select_strategy="full",
-        )
-        cls = LlavaOnevisionForConditionalGeneration
-    elif kind in ("qwen2_vl", "qwen2_5_vl"):
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
-        if kind == "qwen2_vl":
-            vis = dict(depth=vision_layers, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4,
-                       temporal_patch_size=2, spatial_merge_size=2)
-            cfg, cls = Qwen2VLConfig(vision_config=vis, text_config=text, video_token_id=video_id, image_token_id=image_id), Qwen2VLForConditionalGeneration
-        else:
-            vis = dict(depth=max(vision_layers, 2), hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4,
-                       temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=32, window_size=16,
-                       fullatt_block_indexes=[1], tokens_per_second=2)
-            cfg, cls = Qwen2_5_VLConfig(vision_config=vis, text_config=text, video_token_id=video_id, image_token_id=image_id), Qwen2_5_VLForConditionalGeneration
-    elif kind == "idefics3":
-        cfg = Idefics3Config(
-            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=vision_layers,
-                               num_attention_heads=2, image_size=16, patch_size=4),
-            text_config=dict(model_type="llama", **text),
-            image_token_id=image_id, scale_factor=2, pad_token_id=tok.pad_token_id,
-        )
-        cls = Idefics3ForConditionalGeneration
-    else:
-        raise ValueError(kind)
-    cfg._attn_implementation = "sdpa"
-    return cls(cfg).eval(), tok
+    return family(kind).build_tiny(vision_layers=vision_layers, seed=seed)
 
 
 @pytest.fixture(scope="session")
 def tiny_mllm():
     """Factory: ``tiny_mllm(kind, vision_layers=1, **adapter_kwargs) -> MLLMAdapter`` over a
-    cached tiny model (Qwen kinds default to ``frame_size=(16, 24)``: 2x3 tokens per step)."""
+    cached tiny model; the family's ``tiny_adapter_kwargs`` are the defaults (Qwen:
+    ``frame_size=(16, 24)``, 2x3 tokens per step). The adapter comes from the model's
+    ``model_type`` (``adapter_for``), as a loaded checkpoint's does."""
     from pipeline.mllm.loader import adapter_for
+    from pipeline.mllm.registry import family
 
     cache: dict = {}
 
@@ -287,8 +227,6 @@ def tiny_mllm():
         if key not in cache:
             cache[key] = build_tiny_mllm(kind, vision_layers=vision_layers)
         model, tok = cache[key]
-        if kind.startswith("qwen"):
-            kwargs.setdefault("frame_size", (16, 24))
-        return adapter_for(model, tok, **kwargs)
+        return adapter_for(model, tok, **{**family(kind).tiny_adapter_kwargs, **kwargs})
 
     return make

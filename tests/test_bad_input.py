@@ -16,7 +16,7 @@ from conftest import make_images, make_videos
 
 from pipeline.config import DataConfig
 from actors import data_stream as stream
-from pipeline.data.quarantine import REASONS, format_counts
+from pipeline.data.quarantine import REASONS, BadSample, format_counts
 from pipeline.data.shards import write_image_shard, write_video_shard
 
 MAX_WORDS = 12
@@ -67,6 +67,7 @@ IMAGE_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(IMAGE_CASES))
+@pytest.mark.ray
 def test_bad_image_record(ray_cluster, tmp_path, case):
     mutate, reason = IMAGE_CASES[case]
     recs = make_images(4, size=20)
@@ -83,6 +84,7 @@ def test_bad_image_record(ray_cluster, tmp_path, case):
     assert log.format() == f"quarantined: 1 ({reason}: 1)"
 
 
+@pytest.mark.ray
 def test_truncated_parquet_shard_is_skipped(ray_cluster, tmp_path):
     imgs = make_images(9, size=20)
     for i in range(3):
@@ -157,6 +159,7 @@ VIDEO_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(VIDEO_CASES))
+@pytest.mark.ray
 def test_bad_video_record(ray_cluster, tmp_path, case):
     mutate, reason = VIDEO_CASES[case]
     write_video_shard(tmp_path / "videos", 0, make_videos(3, frames=6), fps=8)
@@ -173,6 +176,7 @@ def test_bad_video_record(ray_cluster, tmp_path, case):
     assert rec["source"].endswith(("vid001.mp4", "annotations-00000.jsonl"))
 
 
+@pytest.mark.ray
 def test_mixed_bad_input_pseudo_video_stream(ray_cluster, tmp_path):
     """One stream with several bad kinds: good images regroup, counts per reason, summary line."""
     recs = make_images(10, size=20)
@@ -194,9 +198,54 @@ def test_mixed_bad_input_pseudo_video_stream(ray_cluster, tmp_path):
     assert "quarantined: 4 (bad_shape: 1, corrupt_image: 1, long_caption: 1, unreadable_shard: 1)" in text
 
 
+def _bomb_png() -> bytes:
+    """A real, well-formed PNG whose header declares 20000 x 20000 pixels (CRC fixed up): Pillow
+    refuses to open it with ``DecompressionBombError``, which is neither an ``OSError`` nor a
+    ``ValueError``, so ``readers.decode_image`` lets it through as a non-BadSample exception."""
+    import struct
+    import zlib
+
+    from pipeline.data.shards import encode_png
+
+    png = encode_png(np.zeros((8, 8, 3), dtype=np.uint8))
+    ihdr = bytearray(png[16:29])  # after the signature (8) and IHDR's length + type (8): 13 data bytes
+    ihdr[0:8] = struct.pack(">II", 20000, 20000)
+    return png[:16] + bytes(ihdr) + struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr))) + png[33:]
+
+
+@pytest.mark.ray
+def test_unexpected_reader_error_is_quarantined(ray_cluster, tmp_path):
+    """A record that makes the image reader raise something other than BadSample (a PNG that
+    declares a decompression-bomb size) is skipped, counted under ``unexpected_error`` with the
+    exception's type in the detail, and the stream yields every other sample. (A real input, not
+    a patched reader: if readers.decode_image ever classifies this error, e.g. as corrupt_image,
+    this test needs another input no reader anticipates.)"""
+    recs = make_images(5, size=20)
+    recs[2]["image"] = _bomb_png()
+    write_image_shard(tmp_path / "images" / "shard-00000.parquet", recs)
+    write_image_shard(tmp_path / "images" / "shard-00001.parquet", make_images(2, size=20, prefix="x"))
+    ds = stream.image_dataset(_cfg(tmp_path))
+    assert [r["id"] for r in stream.iter_samples(ds)] == ["img000", "img001", "img003", "img004", "x000", "x001"]
+    log = stream.quarantine_of(ds)
+    assert log.counts() == {"unexpected_error": 1}
+    (rec,) = log.records()
+    assert rec["id"] == "img002" and rec["kind"] == "image" and rec["stage"] == "decode"
+    assert rec["source"].endswith("shard-00000.parquet")
+    assert rec["detail"].startswith("DecompressionBombError: ") and "pixels" in rec["detail"]
+    # stage 1 too: the pseudo-videos group the good images around the bad one
+    ds = stream.pseudo_video_dataset(_cfg(tmp_path, pseudo_images=2), seed=None)
+    assert [r["sample_id"] for r in stream.iter_samples(ds)] == ["pv:img000+img001", "pv:img003+img004", "pv:x000+x001"]
+    assert stream.quarantine_of(ds).counts() == {"unexpected_error": 1}
+
+
+@pytest.mark.unit
 def test_reason_vocabulary():
     assert format_counts({}) == "quarantined: 0"
     assert format_counts({"corrupt_video": 1, "missing_file": 3}) == "quarantined: 4 (missing_file: 3, corrupt_video: 1)"
-    for reason in ("missing_file", "empty_file", "unreadable_shard", "corrupt_image", "corrupt_video",
-                   "empty_caption", "long_caption", "bad_shape", "bad_annotation"):
-        assert reason in REASONS
+    with pytest.raises(ValueError, match="unknown quarantine reason 'corrupt'"):
+        BadSample("corrupt", "decode")
+    # every reason in the vocabulary is produced by a real bad input in these tests (this file's
+    # cases, plus too_few_images in test_data_stream.py), so no reason is dead
+    exercised = {reason for _, reason in IMAGE_CASES.values()} | {reason for _, reason in VIDEO_CASES.values()}
+    exercised |= {"unreadable_shard", "unexpected_error", "too_few_images"}
+    assert exercised == set(REASONS)

@@ -49,6 +49,7 @@ def _rand_x(seed: int = 0, t: int = T) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ budgets
 @pytest.mark.parametrize("name", sorted(NEW))
+@pytest.mark.unit
 def test_exact_k_sorted_unique_deterministic(name):
     fn = NEW[name]
     ctx = SelectionContext(grid=(T, GH, GW))
@@ -60,6 +61,7 @@ def test_exact_k_sorted_unique_deterministic(name):
             assert torch.equal(idx, fn(X.clone(), k, ctx))
 
 
+@pytest.mark.unit
 def test_allocate_exact_and_capped():
     assert allocate(np.ones(4), 6, 3).tolist() == [2, 2, 1, 1]
     c = allocate(np.array([100.0, 1, 1, 1]), 10, 4)
@@ -70,6 +72,7 @@ def test_allocate_exact_and_capped():
 
 
 # ------------------------------------------------------------------------------------ behaviour
+@pytest.mark.unit
 def test_uniform_spatial_same_evenly_spread_positions_every_frame():
     idx = uniform_spatial(_rand_x(), 4 * T, SelectionContext(grid=(T, GH, GW)))
     per = [sorted((idx[idx // N == t] % N).tolist()) for t in range(T)]
@@ -77,6 +80,7 @@ def test_uniform_spatial_same_evenly_spread_positions_every_frame():
     assert set(per[0]) == {0, GW - 1, (GH - 1) * GW, GH * GW - 1}  # a 2x2 lattice spanning the grid
 
 
+@pytest.mark.unit
 def test_dycoke_drops_exact_temporal_duplicates_first():
     X = _rand_x(3)
     X[1:] = X[0]  # every later frame repeats frame 0 ...
@@ -94,6 +98,7 @@ def test_dycoke_drops_exact_temporal_duplicates_first():
     assert all(j >= N for j in small) and set(small) <= novel
 
 
+@pytest.mark.unit
 def test_fastvid_gives_more_budget_to_a_unique_frame():
     X = _rand_x(4) * 0.05 + torch.ones(D)  # near-identical frames around a common direction
     X[3] = _rand_x(5)[3] * 3.0  # one frame unlike the rest
@@ -103,6 +108,7 @@ def test_fastvid_gives_more_budget_to_a_unique_frame():
     assert per.sum() == k and per[3] == per.max() and per[3] > k / T
 
 
+@pytest.mark.unit
 def test_visionzip_keeps_dominant_tokens():
     X = _rand_x(6) * 0.1
     X[2, 7] *= 200  # a very large token draws the attention proxy of its frame
@@ -111,6 +117,7 @@ def test_visionzip_keeps_dominant_tokens():
     assert np.bincount((keep // N).numpy(), minlength=T).tolist() == [2] * T
 
 
+@pytest.mark.unit
 def test_fastv_picks_the_tokens_the_attention_favours(tiny_mllm):
     adapter = tiny_mllm("llava_onevision")
     frames = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
@@ -141,6 +148,7 @@ def test_fastv_picks_the_tokens_the_attention_favours(tiny_mllm):
         make_fastv(adapter)(X, 3, SelectionContext(grid=(t, 2, 2)))
 
 
+@pytest.mark.unit
 def test_selectors_registry_contract():
     assert {"random", "uniform", "uniform_spatial", "visionzip", "dycoke", "fastvid", "oracle"} <= set(SELECTORS)
     X = _rand_x(7)
@@ -171,6 +179,7 @@ def assets(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_evaluate_job_end_to_end(assets, tmp_path, capsys):
     out = tmp_path / "eval"
     summary = _job("evaluate").main([
@@ -201,6 +210,7 @@ def test_evaluate_job_end_to_end(assets, tmp_path, capsys):
     assert last["overlays"] == len(res["overlays"]) >= 2
 
 
+@pytest.mark.slow
 def test_cost_timed_in_deployment_order(assets):
     """Selection and prefill are timed as a deployment pays them: the selector on the tokens the
     vision encoder has just produced (videos that kept their frames), both prefills in the same rounds."""
@@ -227,6 +237,7 @@ def test_cost_timed_in_deployment_order(assets):
     assert len(seen) == 6 and set(bare) == set(cost) and all(math.isfinite(x) and x >= 0 for x in bare.values())
 
 
+@pytest.mark.slow
 def test_evaluate_job_baselines_only_and_bad_args(assets, tmp_path, capsys):
     ev = _job("evaluate")
     summary = ev.main(["--mllm", str(assets / "mllm"), "--world", str(assets / "world"), "--retention", "0.5",
@@ -239,6 +250,7 @@ def test_evaluate_job_baselines_only_and_bad_args(assets, tmp_path, capsys):
         ev.main(["--mllm", "x", "--world", str(assets / "world"), "--out", str(tmp_path), "--retention", "0,2"])
 
 
+@pytest.mark.slow
 def test_compress_video_job_and_api(assets, capsys):
     from pipeline.inference import load_compressed
 

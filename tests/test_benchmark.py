@@ -1,4 +1,5 @@
-"""The benchmark job: pure helpers (pipeline/bench.py) and ``jobs/benchmark.py --quick`` end to end.
+"""The benchmark job: pure helpers (benchmarks/shapes.py, benchmarks/run.py) and
+``jobs/benchmark.py --quick`` end to end.
 
 The end-to-end test runs the real job as a subprocess (its own local Ray cluster, a random
 score-tiny-shaped model, a small shapes world, one short Ray stage) and writes its report to a tmp
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------- helpers
+@pytest.mark.slow
 def test_lm_params_match_built_model():
     """The analytic parameter count (used for full-depth FLOPs) equals what lm_dims counts on a
     built model of the same shape; the built model has the real 14x14 grid per frame."""
@@ -41,6 +43,7 @@ def test_lm_params_match_built_model():
     assert 6.4e9 < lm_params(LM_SHAPES["qwen2-7b"]) < 6.6e9
 
 
+@pytest.mark.unit
 def test_prefill_rows_ratios():
     from benchmarks.shapes import prefill_rows
     from pipeline.evaluation import prefill_flops
@@ -57,6 +60,7 @@ def test_prefill_rows_ratios():
         prefill_rows({0.5: 1.0}, dims, 110, 100)
 
 
+@pytest.mark.unit
 def test_length_buckets_cover_rows_within_budget():
     from pipeline.trainer import length_buckets
 
@@ -72,6 +76,7 @@ def test_length_buckets_cover_rows_within_budget():
     assert all(len(bk) <= 3 for bk in length_buckets(kept, max_rows=3))
 
 
+@pytest.mark.unit
 def test_score_packed_equals_one_batch():
     """Padding-aware scoring (CE_full apart, masked rows length-sorted into buckets, CE_full from a
     cache) gives what the rollout's single padded adapter.score call gives."""
@@ -102,6 +107,7 @@ def test_score_packed_equals_one_batch():
     assert ps["rows"] == B * (G + 1) and 0.0 <= ps["waste"] < 1.0
 
 
+@pytest.mark.unit
 def test_wait_and_idle_fractions():
     from benchmarks.shapes import idle_fractions, wait_fractions
 
@@ -113,9 +119,9 @@ def test_wait_and_idle_fractions():
     assert i["calls"] == 6 and i["mean"] == pytest.approx(0.5 / 3.5 / 2, abs=1e-4)
 
 
+@pytest.mark.unit
 def test_report_keeps_notes_after_marker(tmp_path):
-    sys.path.insert(0, str(ROOT / "jobs"))
-    from benchmark import END_MARK, write_report
+    from benchmarks.run import END_MARK, write_report
 
     out = tmp_path / "B.md"
     write_report(out, f"# figures v1\n{END_MARK}\n")
@@ -126,6 +132,8 @@ def test_report_keeps_notes_after_marker(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- the job
+@pytest.mark.ray
+@pytest.mark.slow
 def test_benchmark_quick_end_to_end(tmp_path):
     out = tmp_path / "BENCH.md"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}

@@ -26,6 +26,7 @@ def _stage(step: int, big: int = 0) -> Path:
     return d
 
 
+@pytest.mark.unit
 def test_commit_latest_retention_and_fallback(tmp_path):
     root = str(tmp_path / "checkpoints")
     cfg = CheckpointConfig(keep_last=2, keep_best=1, best_mode="max", keep_every=4)
@@ -69,6 +70,7 @@ def test_commit_latest_retention_and_fallback(tmp_path):
     assert [s for s, _ in ck.list_committed(root)] == [2, 3, 5, 7]  # step 3 (keep_every) stays too
 
 
+@pytest.mark.unit
 def test_two_ranks_commit_only_when_both_parts_are_up(tmp_path):
     root = str(tmp_path / "ck")
     cfg = CheckpointConfig(commit_timeout_s=1.0, upload_attempts=1)
@@ -92,6 +94,7 @@ def test_two_ranks_commit_only_when_both_parts_are_up(tmp_path):
     assert "deepspeed/rank1.pt" in files and "policy/model.safetensors" in files
 
 
+@pytest.mark.slow
 def test_s3_outage_mid_upload_retries_and_never_lists_a_partial_checkpoint(rclone_s3, tmp_path):
     """Kill the S3 server while a checkpoint's files are being uploaded, keep saving (the learner
     must not stall), bring the server back: the uploads retry with backoff and commit; at no
@@ -110,13 +113,12 @@ def test_s3_outage_mid_upload_retries_and_never_lists_a_partial_checkpoint(rclon
         assert time.monotonic() < deadline
         time.sleep(0.005)
     rclone_s3.stop()
-    stalls = []
-    for s in (3, 4):  # training goes on while the store is away
-        t0 = time.perf_counter()
+    for s in (3, 4):  # training goes on while the store is away: save hands over and returns
         w.save(s, _stage(s))
-        stalls.append(time.perf_counter() - t0)
-    assert max(stalls) < 1.0
-    assert not (backing / "COMMIT").exists()
+        # ... while step 2's upload is still in flight (nothing committed, the writer not idle)
+        assert not w.wait(timeout=0) and not (backing / "COMMIT").exists()
+        assert w.stats()["uploads"] == 1 and w.stats()["last_committed"] == 1
+    assert w.stats()["skipped"] == 1  # step 3 was superseded by step 4 before its upload began
     time.sleep(2.0)
     rclone_s3.start()
 
@@ -152,6 +154,7 @@ def test_s3_outage_mid_upload_retries_and_never_lists_a_partial_checkpoint(rclon
     assert json.loads((local / "state.json").read_text())["step"] == 4
 
 
+@pytest.mark.unit
 def test_selection_candidates_are_the_kept_checkpoints_and_ties_go_to_the_later(tmp_path):
     from pipeline.validation import choose, stage_candidates
 
@@ -173,6 +176,7 @@ def test_selection_candidates_are_the_kept_checkpoints_and_ties_go_to_the_later(
         choose([])
 
 
+@pytest.mark.unit
 def test_checkpoint_averaging_window_and_mean(tmp_path):
     """The averaged window is the last checkpoint plus the ones before it on the keep_every grid
     (a keep_last checkpoint off the grid is left out), and the average of real saved policies is

@@ -18,6 +18,8 @@ from pipeline.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # cluster/ is not part of the installed library
 from cluster import validate as k8s  # noqa: E402
+
+pytestmark = pytest.mark.unit
 VARIANTS = ("small", "large")
 SHARED_CRDS = ROOT.parent / "shared" / "kuberay-crds"
 

@@ -16,6 +16,7 @@ from pipeline.config import WorldConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.unit
 def test_yaml_and_dotted_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("run: {name: exp1}\nstage:\n  real_video: {steps: 50}\n")
@@ -46,6 +47,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         ("nonsense", "config: override 'nonsense' must look like key.path=value"),
     ],
 )
+@pytest.mark.unit
 def test_bad_config_is_one_clear_line(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -53,6 +55,7 @@ def test_bad_config_is_one_clear_line(override, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.unit
 def test_checkpoint_average_needs_the_checkpoints_kept():
     ok = load_config(None, ["validation.video_shards=v", "validation.average_last=5", "checkpoint.keep_every=100"])
     assert ok.validation.average_last == 5
@@ -60,6 +63,7 @@ def test_checkpoint_average_needs_the_checkpoints_kept():
         load_config(None, ["validation.video_shards=v", "validation.average_last=3"])
 
 
+@pytest.mark.unit
 def test_configs_directory_validates():
     files = sorted((ROOT / "configs").glob("*.yaml"))
     assert files, "configs/ must hold at least the demo config"
@@ -67,6 +71,7 @@ def test_configs_directory_validates():
         load_config(f)
 
 
+@pytest.mark.slow
 def test_job_rejects_bad_config_before_work(tmp_path):
     out = tmp_path / "w"
     r = subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(out), "--objects", "5-2"],
@@ -76,6 +81,7 @@ def test_job_rejects_bad_config_before_work(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_world_is_deterministic_and_readable(tmp_path):
     args = ["--images", "20", "--videos", "6", "--seed", "3", "--frames", "8", "--heldout-videos", "4", "--val-videos", "3", "--quiet"]
     for name in ("a", "b"):
@@ -90,19 +96,33 @@ def test_world_is_deterministic_and_readable(tmp_path):
     anns = [json.loads(line) for line in (tmp_path / "a/videos/annotations-00000.jsonl").read_text().splitlines()]
     assert len(anns) == 6 and all((tmp_path / "a/videos" / a["video"]).stat().st_size > 0 for a in anns)
     assert all(a["frames"] == 8 and len(o["boxes"]) == 8 for a in anns for o in a["objects"])
-    # the held-out evaluation videos come from another split than the training videos
+    # the held-out evaluation videos are drawn from another split than the training videos, and
+    # the validation videos (choosing the final policy) from a third: the same index in two
+    # splits is a different video (the ids name their split, so compare what the files hold)
     held = [json.loads(line) for line in (tmp_path / "a/heldout/videos/annotations-00000.jsonl").read_text().splitlines()]
-    assert len(held) == 4 and {a["id"] for a in held}.isdisjoint(a["id"] for a in anns)
-    assert [a["caption"] for a in held] != [a["caption"] for a in anns[:4]]
-    # and the validation videos (choosing the final policy) from a third
     val = [json.loads(line) for line in (tmp_path / "a/val/videos/annotations-00000.jsonl").read_text().splitlines()]
-    assert len(val) == 3 and {a["id"] for a in val}.isdisjoint({a["id"] for a in held} | {a["id"] for a in anns})
-    assert [a["caption"] for a in val] != [a["caption"] for a in held[:3]]
+    assert len(held) == 4 and len(val) == 3
+
+    def clip(folder: str, a: dict) -> bytes:
+        return (tmp_path / "a" / folder / a["video"]).read_bytes()
+
+    def scene(a: dict) -> str:  # what a video shows: its objects (shape, colour, motion, boxes)
+        return json.dumps(a["objects"], sort_keys=True)
+
+    splits = {"videos": anns, "heldout/videos": held, "val/videos": val}
+    contents = {name: [clip(name, a) for a in split] for name, split in splits.items()}
+    for i in range(3):
+        assert len({contents[name][i] for name in splits}) == 3, f"index {i}: two splits hold the same clip"
+        assert len({scene(split[i]) for split in splits.values()}) == 3, f"index {i}: two splits show the same scene"
+    # no evaluation or validation clip is one the training split holds
+    assert set(contents["heldout/videos"]).isdisjoint(contents["videos"])
+    assert set(contents["val/videos"]).isdisjoint(set(contents["videos"]) | set(contents["heldout/videos"]))
     # a different seed gives a different world
     subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(tmp_path / "c"), *args[:4], "--seed", "4", "--frames", "8", "--quiet"], check=True)
     assert (tmp_path / "c/videos/annotations-00000.jsonl").read_bytes() != (tmp_path / "a/videos/annotations-00000.jsonl").read_bytes()
 
 
+@pytest.mark.unit
 def test_questions_are_about_small_objects_and_use_the_vocabulary():
     cfg = WorldConfig(frames=16)
     seen_types = set()
@@ -122,6 +142,7 @@ def test_questions_are_about_small_objects_and_use_the_vocabulary():
     assert seen_types == set(QUESTION_TYPES)
 
 
+@pytest.mark.unit
 def test_pan_and_noise_change_pixels_but_not_annotations():
     base = make_video(WorldConfig(frames=6), sample_rng(0, "eval", "video", 1))
     panned = make_video(WorldConfig(frames=6, pan=0.2, noise=0.03), sample_rng(0, "eval", "video", 1))

@@ -40,6 +40,7 @@ def _adv(dce, rho, penalty=1.0, scale=False):
 
 
 # ------------------------------------------------------------------------------ delta-CE, sparsity
+@pytest.mark.unit
 def test_delta_ce_tolerance():
     ce_full = torch.tensor([2.0, 0.0])
     ce = torch.tensor([[2.0, 2.3, 2.1], [0.04, 0.06, 0.0]])
@@ -47,6 +48,7 @@ def test_delta_ce_tolerance():
     assert torch.allclose(d, torch.tensor([[0.15, -0.15, 0.05], [0.01, -0.01, 0.05]]), atol=1e-6)
 
 
+@pytest.mark.unit
 def test_sparsity_with_and_without_valid():
     m = torch.tensor([[[1, 0, 0, 1], [1, 1, 1, 1]]], dtype=torch.bool)
     assert torch.allclose(sparsity(m), torch.tensor([[0.5, 0.0]]))
@@ -55,6 +57,7 @@ def test_sparsity_with_and_without_valid():
 
 
 # ------------------------------------------------------------------------------ split advantage
+@pytest.mark.unit
 def test_all_safe_group_is_standardised():
     rho = [0.2, 0.4, 0.6, 0.8]
     a = _adv([1.0] * 4, rho)
@@ -63,6 +66,7 @@ def test_all_safe_group_is_standardised():
     assert abs(float(a.mean())) < 1e-9 and torch.all(a[1:] > a[:-1])
 
 
+@pytest.mark.unit
 def test_all_violating_group_is_sparsity_penalty():
     a = _adv([-0.1, -1.0, 0.0], [0.9, 0.5, 0.1], penalty=2.0)  # dCE == 0 counts as a violation
     assert torch.allclose(a, torch.tensor([-1.8, -1.0, -0.2], dtype=torch.float64))
@@ -70,6 +74,7 @@ def test_all_violating_group_is_sparsity_penalty():
     assert torch.allclose(b, torch.tensor([-0.18, -1.0, -0.0], dtype=torch.float64))
 
 
+@pytest.mark.unit
 def test_singleton_safe_and_zero_spread_give_zero():
     a = _adv([0.3, -0.2, -0.5], [0.7, 0.5, 0.9])
     assert a[0] == 0 and a[1] == pytest.approx(-0.5) and a[2] == pytest.approx(-0.9)
@@ -77,11 +82,13 @@ def test_singleton_safe_and_zero_spread_give_zero():
     assert z[0] == 0 and z[1] == 0 and z[3] == 0 and z[2] == pytest.approx(-0.9)
 
 
+@pytest.mark.unit
 def test_two_safe_rollouts_get_plus_minus_one():
     a = _adv([0.1, 0.2], [0.25, 0.75])
     assert torch.allclose(a, torch.tensor([-1.0, 1.0], dtype=torch.float64), atol=1e-5)
 
 
+@pytest.mark.unit
 def test_split_advantage_rejects_nan():
     with pytest.raises(ValueError, match="non-finite"):
         split_advantage(torch.tensor([[float("nan"), 1.0]]), torch.tensor([[0.1, 0.2]]), 1.0, EPS)
@@ -97,6 +104,7 @@ groups = st.integers(2, 12).flatmap(lambda g: st.tuples(
 
 @PROP
 @given(groups)
+@pytest.mark.unit
 def test_split_advantage_invariants(case):
     dce, rho, lam, scale = case
     a = _adv(dce, rho, lam, scale)
@@ -127,6 +135,7 @@ def test_split_advantage_invariants(case):
 
 @PROP
 @given(st.integers(1, 3), st.integers(2, 6), st.integers(0, 10_000))
+@pytest.mark.unit
 def test_split_advantage_is_per_row(b, g, seed):
     gen = torch.Generator().manual_seed(seed)
     d, r = torch.randn(b, g, generator=gen), torch.rand(b, g, generator=gen)
@@ -138,6 +147,7 @@ def test_split_advantage_is_per_row(b, g, seed):
 # ------------------------------------------------------------------------------ Bernoulli, sampling, packing
 @PROP
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 40), st.floats(0.1, 30), st.integers(0, 10_000))
+@pytest.mark.unit
 def test_bernoulli_logprob_matches_torch(b, g, m, scale, seed):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(b, m, generator=gen, dtype=torch.float64) * scale
@@ -149,6 +159,7 @@ def test_bernoulli_logprob_matches_torch(b, g, m, scale, seed):
     assert torch.allclose(bernoulli_entropy(z), ent, atol=1e-9)
 
 
+@pytest.mark.unit
 def test_logprob_is_finite_for_extreme_logits_and_respects_valid():
     z = torch.tensor([[80.0, -80.0, 0.0]])
     m = torch.tensor([[[False, True, True]]])
@@ -160,6 +171,7 @@ def test_logprob_is_finite_for_extreme_logits_and_respects_valid():
 
 @PROP
 @given(st.integers(1, 4), st.integers(1, 8), st.integers(1, 30), st.floats(-12, 3), st.integers(0, 10_000))
+@pytest.mark.unit
 def test_sample_masks_never_empty(b, g, m, bias, seed):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(b, m, generator=gen) + bias
@@ -170,6 +182,7 @@ def test_sample_masks_never_empty(b, g, m, bias, seed):
     assert torch.equal(masks, again)  # deterministic for a seeded generator
 
 
+@pytest.mark.unit
 def test_sample_masks_empty_rule_and_rate():
     z = torch.full((2, 6), -40.0)
     z[0, 4] = -30.0  # the argmax of sample 0; sample 1 ties everywhere -> lowest index
@@ -189,6 +202,7 @@ def test_sample_masks_empty_rule_and_rate():
 
 @PROP
 @given(st.integers(1, 3), st.integers(2, 300), st.floats(0.01, 0.99), st.floats(0.1, 20), st.integers(0, 10_000))
+@pytest.mark.unit
 def test_budget_shift_hits_the_expected_count_and_keeps_the_ranking(b, m, r, scale, seed):
     z = torch.randn(b, m, generator=torch.Generator().manual_seed(seed)) * scale
     kept = torch.full((b,), r * m).clamp(0.5, m - 0.5)
@@ -199,6 +213,7 @@ def test_budget_shift_hits_the_expected_count_and_keeps_the_ranking(b, m, r, sca
     assert torch.equal(torch.argsort(shifted, dim=-1, stable=True), torch.argsort(z, dim=-1, stable=True))
 
 
+@pytest.mark.unit
 def test_budget_shift_rejects_bad_budgets():
     with pytest.raises(ValueError, match="0 < kept < M"):
         budget_shift(torch.zeros(1, 4), torch.tensor([4.0]))
@@ -208,6 +223,7 @@ def test_budget_shift_rejects_bad_budgets():
 
 @PROP
 @given(st.lists(st.integers(1, 3), min_size=0, max_size=2), st.integers(1, 70), st.integers(0, 10_000))
+@pytest.mark.unit
 def test_pack_unpack_round_trip(lead, m, seed):
     masks = torch.rand(*lead, m, generator=torch.Generator().manual_seed(seed)) < 0.3
     packed = pack_masks(masks)
@@ -225,6 +241,7 @@ def _loss_case(seed=0, b=2, g=4, m=12):
     return z, masks, adv
 
 
+@pytest.mark.unit
 def test_surrogate_gradient_at_ratio_one_is_reinforce():
     z, masks, adv = _loss_case()
     z1 = z.clone().requires_grad_(True)
@@ -237,6 +254,7 @@ def test_surrogate_gradient_at_ratio_one_is_reinforce():
     assert out["clip_frac"] == 0 and out["approx_kl"] == pytest.approx(0, abs=1e-12) and out["ratio"] == pytest.approx(1)
 
 
+@pytest.mark.unit
 def test_clipping_engages_beyond_the_range():
     z = torch.zeros(1, 1, dtype=torch.float64)
     m = torch.ones(1, 1, 1, dtype=torch.bool)  # kept: ratio = p_new / p_old = 2 sigmoid(z)
@@ -253,6 +271,7 @@ def test_clipping_engages_beyond_the_range():
             assert out["pg_loss"].item() == pytest.approx(-a * r) and zn.grad.abs().item() > 0
 
 
+@pytest.mark.unit
 def test_entropy_bonus_pushes_toward_half():
     z = torch.tensor([[3.0, -2.0]], requires_grad=True)
     m = torch.ones(1, 2, 2, dtype=torch.bool)
@@ -262,6 +281,7 @@ def test_entropy_bonus_pushes_toward_half():
     assert z.grad[0, 0] > 0 and z.grad[0, 1] < 0  # descent moves both logits toward 0 (max entropy)
 
 
+@pytest.mark.unit
 def test_loss_respects_valid_and_reports_keep_prob():
     z, masks, adv = _loss_case(m=6)
     valid = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
@@ -283,6 +303,7 @@ def _brute_topk(z, k):
 @PROP
 @given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 3), st.integers(1, 3), st.floats(0.01, 1.0),
        st.integers(0, 3), st.integers(0, 10_000))
+@pytest.mark.unit
 def test_topk_exact_sorted_deterministic(b, t, gh, gw, r, mpf, seed):
     n = gh * gw
     m = t * n
@@ -303,6 +324,7 @@ def test_topk_exact_sorted_deterministic(b, t, gh, gw, r, mpf, seed):
         assert torch.equal(topk_keep(z[i], k=k, grid=(t, gh, gw), min_per_frame=mpf), keep[i])
 
 
+@pytest.mark.unit
 def test_topk_per_frame_minimum_and_ties():
     z = torch.tensor([9.0, 8.0, 7.0, 6.0, 0.0, 0.0, 0.0, 0.0, 5.0, 1.0, 1.0, 1.0])  # T=3, N=4
     assert topk_keep(z, k=3).tolist() == [0, 1, 2]
@@ -325,6 +347,7 @@ def test_topk_per_frame_minimum_and_ties():
 TINY = dict(hidden=32, layers=2, heads=4)
 
 
+@pytest.mark.unit
 def test_policy_trains_after_inference_mode_selection():
     """The selector runs the policy under inference_mode; the fixed embeddings it caches must stay
     usable by a later training forward (an inference tensor there would break backward)."""
@@ -341,6 +364,7 @@ def test_policy_trains_after_inference_mode_selection():
 
 
 @pytest.mark.parametrize("factorized", [True, False])
+@pytest.mark.unit
 def test_policy_shapes_for_several_T(factorized):
     torch.manual_seed(0)
     pol = ScorePolicy(24, PolicyConfig(factorized=factorized, **TINY)).eval()
@@ -351,12 +375,14 @@ def test_policy_shapes_for_several_T(factorized):
         pol(torch.randn(1, 2, 6, 24), (2, 2))
 
 
+@pytest.mark.unit
 def test_initial_keep_prob_is_sigmoid_of_init_logit():
     pol = ScorePolicy(16, PolicyConfig(init_keep_logit=-1.5, **TINY))
     p = torch.sigmoid(pol(torch.randn(2, 3, 4, 16), (2, 2)))
     assert torch.allclose(p, torch.full_like(p, torch.sigmoid(torch.tensor(-1.5)).item()), atol=1e-6)
 
 
+@pytest.mark.unit
 def test_factorized_and_full_differ_but_both_mix_frames():
     torch.manual_seed(0)
     X = torch.randn(1, 3, 4, 16)
@@ -369,6 +395,7 @@ def test_factorized_and_full_differ_but_both_mix_frames():
         assert not torch.allclose(pol(Y, (2, 2))[0, 8:], z[0, 8:])
 
 
+@pytest.mark.unit
 def test_frame_mask_ignores_padding():
     torch.manual_seed(0)
     for fact in (True, False):
@@ -381,6 +408,7 @@ def test_frame_mask_ignores_padding():
         assert torch.allclose(pol(pad, (2, 2), fm)[:, :12], ref, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     pol = ScorePolicy(20, PolicyConfig(factorized=False, init_keep_logit=0.5, **TINY)).eval()
@@ -393,6 +421,7 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(back(X, (2, 3)), pol(X, (2, 3)))
 
 
+@pytest.mark.unit
 def test_surprise_state_and_flops():
     X = torch.ones(1, 3, 2, 4)
     X[0, 2, 1] = 3.0
@@ -404,6 +433,7 @@ def test_surprise_state_and_flops():
     assert ScorePolicy(896, PolicyConfig(factorized=False)).flops(32, 196) > pol.flops(32, 196)
 
 
+@pytest.mark.unit
 def test_score_selector_interface():
     torch.manual_seed(0)
     pol = ScorePolicy(8, PolicyConfig(**TINY))
@@ -415,13 +445,25 @@ def test_score_selector_interface():
     assert torch.all(torch.bincount(idx // 6, minlength=4) >= 1) and pol.training
 
 
+@pytest.mark.unit
 def test_config_fields_and_defaults():
     cfg = load_config(None, ["stage.pseudo_video.penalty_scale_by_dce=true", "policy.min_per_frame=2"])
     assert cfg.stage.pseudo_video.penalty_scale_by_dce and cfg.policy.min_per_frame == 2
-    assert StageConfig().adv_eps > 0 and PolicyConfig().mlp_ratio >= 1
+    # values the algorithms cannot run with are refused up front, with the key named
+    # (adv_eps 0: a zero-spread safe group would divide by zero; mlp_ratio 0: no MLP)
+    from pipeline.config import ConfigError
+
+    for override, message in (("stage.real_video.adv_eps=0", "config: stage.real_video.adv_eps: Input should be greater than 0"),
+                              ("policy.mlp_ratio=0", "config: policy.mlp_ratio: Input should be greater than or equal to 1")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [override])
+        assert str(e.value).startswith(message), str(e.value)
+    with pytest.raises(ValueError, match="adv_eps"):
+        StageConfig(adv_eps=-1e-6)
 
 
 # ------------------------------------------------------------------------------ end to end (tiny)
+@pytest.mark.slow
 def test_policy_learns_to_keep_surprising_tokens():
     """Policy + split advantage + loss: a rollout is safe iff it keeps every high-surprise token;
     in 80 on-policy steps the policy keeps those and drops the static background."""
@@ -457,3 +499,16 @@ def test_policy_learns_to_keep_surprising_tokens():
     assert p[hot].min() > 0.9 and p[~hot].max() < 0.3
     keep = topk_keep(p.logit(), k=int(hot.sum()))
     assert torch.equal(keep, torch.nonzero(hot).squeeze(-1))
+
+
+@pytest.mark.unit
+def test_mask_strip_shows_every_token_step_up_to_max_frames():
+    """The TensorBoard mask strip has one column per token step (T' < max_frames: all of them)."""
+    from pipeline.plots import mask_strip
+
+    import numpy as np
+
+    widths = {T: mask_strip(np.zeros((T, 8, 8, 3), np.uint8), [np.ones((T, 2, 2), bool)], max_frames=8).shape[1]
+              for T in (1, 2, 4, 8, 16)}
+    col = widths[1] + 2  # one column plus its gap
+    assert [widths[T] for T in (2, 4, 8)] == [2 * col - 2, 4 * col - 2, 8 * col - 2] and widths[16] == widths[8]

@@ -34,6 +34,7 @@ def _rows(ds) -> list[dict]:
 # ------------------------------------------------------------------------------- pure functions
 
 
+@pytest.mark.unit
 def test_sample_indices_uniform():
     assert sample_indices(20, 5).tolist() == [0, 5, 10, 14, 19]
     assert sample_indices(1, 4).tolist() == [0, 0, 0, 0]
@@ -42,6 +43,7 @@ def test_sample_indices_uniform():
     assert idx[0] == 0 and idx[-1] == 99 and np.all(np.diff(idx) > 0)
 
 
+@pytest.mark.unit
 def test_decode_video_samples_uniform_frames():
     n = 20
     frames = np.stack([np.full((32, 48, 3), 10 * t, dtype=np.uint8) for t in range(n)])
@@ -51,6 +53,7 @@ def test_decode_video_samples_uniform_frames():
     np.testing.assert_allclose(means, 10 * sample_indices(n, T), atol=3)
 
 
+@pytest.mark.unit
 def test_pseudo_video_residuals_and_caption():
     imgs = make_images(4, size=S)
     pv = make_pseudo_video([r["image"] for r in imgs], [r["caption"] for r in imgs], [r["id"] for r in imgs], repeat=3)
@@ -70,6 +73,7 @@ def test_pseudo_video_residuals_and_caption():
 # ------------------------------------------------------------------------------- Ray Data streams
 
 
+@pytest.mark.ray
 def test_image_stream(ray_cluster, shard_root):
     ds = stream.image_dataset(_cfg(shard_root))
     rows = _rows(ds)
@@ -78,6 +82,7 @@ def test_image_stream(ray_cluster, shard_root):
     assert stream.quarantine_of(ds).counts() == {}
 
 
+@pytest.mark.ray
 def test_pseudo_video_stream(ray_cluster, shard_root):
     cfg = _cfg(shard_root)
     rows = _rows(stream.pseudo_video_dataset(cfg, seed=None))
@@ -99,6 +104,7 @@ def test_pseudo_video_stream(ray_cluster, shard_root):
         assert json.loads(r["qa"]) == []
 
 
+@pytest.mark.ray
 def test_shard_too_small_for_one_clip_is_counted(ray_cluster, tmp_path):
     from pipeline.data.shards import write_image_shard
 
@@ -110,6 +116,7 @@ def test_shard_too_small_for_one_clip_is_counted(ray_cluster, tmp_path):
     assert stream.quarantine_of(ds).counts() == {"too_few_images": 2}
 
 
+@pytest.mark.ray
 def test_pseudo_video_seed_is_deterministic(ray_cluster, shard_root):
     cfg = _cfg(shard_root)
     a = [r["sample_id"] for r in _rows(stream.pseudo_video_dataset(cfg, seed=7))]
@@ -123,6 +130,7 @@ def test_pseudo_video_seed_is_deterministic(ray_cluster, shard_root):
         assert len(shards) == 1
 
 
+@pytest.mark.ray
 def test_video_stream(ray_cluster, shard_root):
     ds = stream.video_dataset(_cfg(shard_root))
     rows = _rows(ds)
@@ -140,6 +148,8 @@ def test_video_stream(ray_cluster, shard_root):
     assert "streamed 5 samples (video=5)" in str(summary) and "quarantined: 0" in str(summary)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_s3_read_path_matches_local(ray_cluster, s3_env, shard_root):
     images = upload_dir(shard_root / "images", "score-test", "world/images", s3_env)
     videos = upload_dir(shard_root / "videos", "score-test", "world/videos", s3_env)
@@ -162,6 +172,8 @@ def test_s3_read_path_matches_local(ray_cluster, s3_env, shard_root):
     assert stream.quarantine_of(ds).counts() == {"missing_file": 1}
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_resume_skips_consumed_ids(ray_cluster, shard_root):
     cfg = _cfg(shard_root)
     for make in (lambda **kw: stream.pseudo_video_dataset(cfg, seed=5, **kw),
@@ -178,6 +190,8 @@ def test_resume_skips_consumed_ids(ray_cluster, shard_root):
         assert [r["sample_id"] for r in _rows(make(skip_ids=set(full)))] == []
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_epochs_in_one_dataset_match_single_passes(ray_cluster, shard_root):
     """epochs=E: one dataset, epoch-major, an ``epoch`` column; epoch e of stage 1 regroups with
     seed + e (the single pass with that seed), and a resume skips ids per epoch."""
@@ -198,6 +212,7 @@ def test_epochs_in_one_dataset_match_single_passes(ray_cluster, shard_root):
         stream.video_dataset(cfg, skip_ids={0: ["vid:vid000"]})
 
 
+@pytest.mark.ray
 def test_frames_sampled_from_short_and_long_videos(ray_cluster, tmp_path):
     # videos of different lengths and sizes all come out as [T,S,S,3]
     recs = [{"id": f"v{n}", "frames": moving_square(n, size), "caption": "a square moves"}
@@ -208,6 +223,7 @@ def test_frames_sampled_from_short_and_long_videos(ray_cluster, tmp_path):
     assert {r["frames"].shape for r in rows} == {(T, S, S, 3)}
 
 
+@pytest.mark.ray
 def test_ensure_ray_reuses_and_probes(ray_cluster):
     from conftest import _free_port
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.config import MLLMConfig, ReferenceConfig, WorldConfig
 from pipeline.mllm.loader import load_mllm
 from pipeline.mllm.reference import spec_hash
@@ -16,6 +18,7 @@ SMALL = ["--set", "reference.hidden=64", "--set", "reference.layers=2", "--set",
          "--set", "reference.binding_steps=200"]
 
 
+@pytest.mark.slow
 def test_small_rebuild_learns_and_is_cached(tmp_path):
     world = tmp_path / "world"
     subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(world), "--images", "0", "--videos", "0", "--heldout-videos", "40",

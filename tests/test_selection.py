@@ -1,6 +1,5 @@
 """Token selectors: exact budget, sorted unique indices, and what each one keeps."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,6 +19,7 @@ def _ctx(v, seed=0):
 
 @pytest.mark.parametrize("r", [0.05, 0.1, 0.25, 1.0])
 @pytest.mark.parametrize("name", sorted(SELECTORS))
+@pytest.mark.unit
 def test_exact_budget_sorted_unique(name, r):
     v = make_video(WorldConfig(frames=T), sample_rng(0, "eval", "video", 5))
     X = torch.zeros(T, N, 8)
@@ -29,18 +29,21 @@ def test_exact_budget_sorted_unique(name, r):
     assert torch.equal(idx, torch.unique(idx)) and int(idx.min()) >= 0 and int(idx.max()) < T * N
 
 
+@pytest.mark.unit
 def test_budget_rounds_up_and_rejects_bad_ratio():
     assert budget(0.1, 256) == 26 and budget(1e-6, 256) == 1 and budget(1.0, 256) == 256
     with pytest.raises(ValueError, match="retention"):
         budget(0.0, 10)
 
 
+@pytest.mark.unit
 def test_uniform_keeps_whole_evenly_spaced_frames():
     idx = uniform_temporal(torch.zeros(T, N, 1), 2 * N, SelectionContext(grid=(T, GH, GW)))
     frames = sorted(set((idx // N).tolist()))
     assert frames == [0, 15] and len(idx) == 2 * N
 
 
+@pytest.mark.unit
 def test_oracle_covers_the_question_objects():
     cfg = WorldConfig(frames=T)
     for i in range(20):
@@ -62,6 +65,7 @@ def test_oracle_covers_the_question_objects():
         oracle_select(torch.zeros(T, N, 1), 4, SelectionContext(grid=(T, GH, GW)))
 
 
+@pytest.mark.slow
 def test_compiled_score_selector_matches_eager_and_falls_back_when_compiling_fails(monkeypatch):
     """``compile=True`` keeps exactly the eager selector's tokens; with no working C++ compiler
     (a real inductor failure: the compiler it is told to use does not exist) it warns once and

@@ -55,6 +55,7 @@ def stage_cfg(**kw) -> StageConfig:
 
 
 # ------------------------------------------------------------------------------ targets, metrics
+@pytest.mark.unit
 def test_select_target():
     pv = make_sample(0, kind="pseudo_video")
     assert tr.select_target(pv) == (CAPTION_PROMPT, pv["caption"])
@@ -75,6 +76,7 @@ def test_select_target():
         tr.select_target({**v, "qa": None, "caption": " "})
 
 
+@pytest.mark.unit
 def test_metrics_helpers(tmp_path):
     m: dict = {}
     with timed(m, "rollout"):
@@ -88,11 +90,13 @@ def test_metrics_helpers(tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.unit
 def test_lr_schedule_warmup_then_constant():
     assert [up.lr_at(s, stage_cfg(steps=5, lr=1.0, warmup=2)) for s in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
 
 
 # ------------------------------------------------------------------------------ rollout batch
+@pytest.mark.unit
 def test_rollout_batch_is_consistent(llava):
     scfg = stage_cfg(group_size=3, tau_abs=0.1, tau_rel=0.2)
     pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
@@ -152,6 +156,7 @@ def test_rollout_batch_is_consistent(llava):
         tr.RolloutBatch.from_records([recs[0], rec16[1]])
 
 
+@pytest.mark.unit
 def test_budgeted_rollout_keeps_the_budget_and_learns_from_the_shifted_policy(llava):
     """stage.rollout_budget: masks keep about r*M tokens, r ~ U[lo, hi], whatever the policy's keep
     rate; the shift travels in the records, and the learner's ratio at unchanged weights is 1."""
@@ -183,6 +188,7 @@ def test_budgeted_rollout_keeps_the_budget_and_learns_from_the_shifted_policy(ll
         StageConfig(rollout_budget=(0.5, 0.2))
 
 
+@pytest.mark.unit
 def test_byte_lru_bounds_bytes_and_counts():
     from pipeline.cache import ByteLRU
 
@@ -205,6 +211,7 @@ def test_byte_lru_bounds_bytes_and_counts():
         ByteLRU(-1)
 
 
+@pytest.mark.unit
 def test_rollout_rejects_mixed_lengths(llava):
     pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
     with pytest.raises(ValueError, match="different token shapes"):
@@ -213,6 +220,7 @@ def test_rollout_rejects_mixed_lengths(llava):
     assert [[s["sample_id"] for s in b] for b in got] == [["vid:0", "vid:2"], ["vid:1", "vid:3"]]
 
 
+@pytest.mark.unit
 def test_learn_step_metrics_and_update(llava):
     scfg = stage_cfg(ppo_epochs=2)
     pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
@@ -236,6 +244,7 @@ def _run(llava, seed: int, steps: int = 4) -> tuple[ScorePolicy, dict]:
     return pol, s
 
 
+@pytest.mark.slow
 def test_deterministic_for_a_seed(llava):
     p1, s1 = _run(llava, seed=1)
     p2, s2 = _run(llava, seed=1)
@@ -247,6 +256,7 @@ def test_deterministic_for_a_seed(llava):
     assert any(not torch.equal(a, b) for a, b in zip(p1.state_dict().values(), p3.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted(llava):
     """Steps draw masks from per-step generators: 2 + 2 steps (same optimizer) == 4 steps."""
     full, _ = _run(llava, seed=5, steps=4)
@@ -259,6 +269,7 @@ def test_resume_matches_uninterrupted(llava):
 
 
 # ------------------------------------------------------------------------------ learning signal
+@pytest.mark.slow
 def test_kept_ratio_falls_on_tiny_mllm(llava, tmp_path):
     """Random tiny MLLM: dropping tokens barely moves CE, so with the default tolerance nearly every
     rollout is safe and the safe-zone advantage favours sparser masks."""
@@ -316,6 +327,7 @@ def object_videos(n: int):
         i += 1
 
 
+@pytest.mark.slow
 def test_learns_to_keep_the_tokens_that_matter():
     ad = ObjectTokenMLLM()
     pol = tr.init_policy(ad.hidden_size, SMALL_POLICY, 0)
@@ -335,6 +347,7 @@ def test_learns_to_keep_the_tokens_that_matter():
 
 
 # ------------------------------------------------------------------------------ curriculum
+@pytest.mark.slow
 def test_train_curriculum_local_end_to_end(llava, tmp_path):
     from pipeline.data.world import generate_world
 
@@ -372,6 +385,7 @@ def test_train_curriculum_local_end_to_end(llava, tmp_path):
     assert vid["frames"].shape == (4, 16, 16, 3) and json.loads(vid["qa"])
 
 
+@pytest.mark.unit
 def test_world_sources_are_deterministic():
     cfg = Config.model_validate({"world": {"size": 48, "frames": 4, "motion": ["static"]},
                                  "data": {"frame_size": 16, "pseudo_images": 2, "pseudo_repeat": 2, "video_frames": 4}})

@@ -43,6 +43,7 @@ def make_batch(policy: torch.nn.Module, seed: int = 0, nan: bool = False) -> Rol
                         prompts=["p"] * B, targets=["t"] * B)
 
 
+@pytest.mark.unit
 def test_torch_optimizer_steps_on_a_finite_batch():
     pol = init_policy(D, SMALL_POLICY, 0)
     batch, before = make_batch(pol), weights_sha(pol)
@@ -52,6 +53,7 @@ def test_torch_optimizer_steps_on_a_finite_batch():
     assert m[up.REWARD] == pytest.approx(float(batch.dce.mean()))
 
 
+@pytest.mark.unit
 def test_torch_optimizer_skips_a_nonfinite_gradient():
     pol = init_policy(D, SMALL_POLICY, 0)
     batch, before = make_batch(pol, nan=True), weights_sha(pol)
@@ -64,6 +66,7 @@ def test_torch_optimizer_skips_a_nonfinite_gradient():
     assert m[up.SKIPPED] == 0 and weights_sha(pol) != before
 
 
+@pytest.mark.unit
 def test_loss_scale_zero_keeps_the_policy_metrics_but_no_gradient():
     """A rank whose whole batch was stale runs the passes with loss 0: a zero gradient."""
     pol = init_policy(D, SMALL_POLICY, 0)

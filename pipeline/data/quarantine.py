@@ -25,10 +25,6 @@ REASONS: dict[str, str] = {
     "unexpected_error": "any other exception while building the sample",
 }
 
-# pipeline steps a record can come from
-STAGES = ("read", "caption", "decode", "shape", "synthesize")
-
-
 class BadSample(Exception):
     """A sample (or a whole shard) that must be skipped."""
 

@@ -1,4 +1,4 @@
-"""The frozen-MLLM interface (DESIGN.md section 3) and the machinery all adapters share.
+"""The frozen-MLLM interface and the machinery all adapters share.
 
 An adapter wraps a Hugging Face multimodal ``...ForConditionalGeneration`` model and exposes:
 
@@ -21,6 +21,12 @@ FULL (unpruned) sequence sliced to the kept tokens (1-D RoPE: ``0..L-1`` of the 
 Qwen2-VL M-RoPE: the model's own ``get_rope_index``), or ``0..L_kept-1`` with
 ``compact_positions=True``. With every token kept this is exactly the model's own forward.
 
+Two hooks serve families whose language model needs more than the merged embeddings (Qwen3-VL's
+DeepStack): ``_encode`` may return per-visual-token *side features* next to ``X``; they are
+kept or dropped with the tokens of ``X`` (``_build``, the one place a keep mask is applied) and
+reach the batch as ``MaskedBatch.side``; ``_lm_kwargs(batch)`` turns them into extra keyword
+arguments of the language model's forward. By default there are none of either.
+
 The model is frozen (``eval()``, ``requires_grad=False``); work runs under
 ``torch.inference_mode`` and returned tensors are cloned outside it, so that ``X`` can feed a
 trainable policy.
@@ -31,7 +37,7 @@ from __future__ import annotations
 import inspect
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -78,7 +84,10 @@ class MaskedBatch:
     inputs_embeds ``[R, L, D]``, attention_mask ``[R, L]`` (long, 1 = real token),
     position_ids ``[R, L]`` or ``[3, R, L]`` (M-RoPE), input_ids ``[R, L]`` (visual slots hold
     the placeholder id, padding the pad id), target_mask ``[R, L]`` (True on target tokens),
-    lengths ``[R]``.
+    lengths ``[R]``, visual_mask ``[R, L]`` (True where a kept token of ``X`` sits; not on
+    always-kept extras), side: the kept side features by name, ``[R, L, ...]`` aligned with
+    the sequence (zero off ``visual_mask``): ``side[k][visual_mask]`` lists every row's kept
+    features in order, and row ``r`` alone is ``side[k][r][visual_mask[r]]``.
     """
 
     inputs_embeds: torch.Tensor
@@ -87,6 +96,8 @@ class MaskedBatch:
     input_ids: torch.Tensor
     target_mask: torch.Tensor
     lengths: torch.Tensor
+    visual_mask: torch.Tensor
+    side: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -182,8 +193,20 @@ class MLLMAdapter(ABC):
         """``(T', gh, gw)`` of ``X`` for a video of ``num_frames`` frames; ``N = gh * gw``."""
 
     @abstractmethod
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalized frames ``[T, 3, H, W]`` (model dtype) -> ``X[T', N, D]``."""
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Normalized frames ``[T, 3, H, W]`` (model dtype) -> ``X[T', N, D]``, or ``(X, side)``
+        with ``side`` per-visual-token features by name, each ``[T', N, ...]`` or ``[T'*N, ...]``:
+        whatever the language model needs per kept token besides its embedding (e.g. DeepStack's
+        per-level features). They are sliced with the same keep mask as ``X`` and passed to
+        :meth:`_lm_kwargs` in ``MaskedBatch.side``."""
+
+    def _lm_kwargs(self, batch: MaskedBatch) -> dict[str, Any]:
+        """Extra keyword arguments of the language model's forward on a masked batch (score,
+        prefill, option_logprobs), built from ``batch.side``, ``batch.visual_mask`` and
+        ``batch.position_ids``; e.g. DeepStack's ``visual_pos_masks=batch.visual_mask`` and
+        ``deepstack_visual_embeds=[f[batch.visual_mask] for f in levels]``. The decode steps
+        after a prefill carry no visual token and do not call it. Default: none."""
+        return {}
 
     @abstractmethod
     def _video_layout(self, t: int, n: int) -> tuple[list[int], list[int]]:
@@ -222,9 +245,11 @@ class MLLMAdapter(ABC):
             shapes = {tuple(np.shape(f)) for f in frames}
             if len(shapes) > 1:
                 raise ValueError(f"frames have different sizes: {sorted(shapes)} (all frames of a video must share H, W)")
-            frames = torch.stack([torch.as_tensor(np.asarray(f)) for f in frames])
+            frames = torch.from_numpy(np.stack([np.asarray(f) for f in frames]))  # a new (writable) array
         elif isinstance(frames, np.ndarray):
-            frames = torch.from_numpy(np.ascontiguousarray(frames))
+            # torch.from_numpy shares the memory and warns on a read-only array (a decoded or
+            # Arrow-backed video): copy those
+            frames = torch.from_numpy(np.ascontiguousarray(frames) if frames.flags.writeable else frames.copy())
         elif not isinstance(frames, torch.Tensor):
             raise TypeError(f"frames must be a uint8 numpy array or torch tensor [T,H,W,3], got {type(frames).__name__}")
         if frames.dtype != torch.uint8:
@@ -255,12 +280,19 @@ class MLLMAdapter(ABC):
 
     def encode_video(self, frames: Any) -> torch.Tensor:
         """uint8 frames ``[T, H, W, 3]`` -> ``X[T', N, D]`` (model dtype, not an inference tensor)."""
+        return self.encode_video_with_side(frames)[0]
+
+    def encode_video_with_side(self, frames: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(X, side)``: :meth:`encode_video` and the family's per-token side features, each
+        ``[T', N, ...]`` (``{}`` for most families); pass ``side`` on to score/prefill/generate."""
         with torch.inference_mode():
             pixels = self.preprocess(frames)
-            X = self._encode(pixels)
+            out = self._encode(pixels)
+        X, side = out if isinstance(out, tuple) else (out, {})
         t, gh, gw = self.visual_grid(pixels.shape[0])
         assert X.shape == (t, gh * gw, self.hidden_size), (X.shape, (t, gh, gw))
-        return X.clone()
+        side = self._flat_side(side, (t, gh * gw))
+        return X.clone(), {k: v.unflatten(0, (t, gh * gw)).clone() for k, v in side.items()}
 
     # ------------------------------------------------------------------ text / templates
     def _pad_id(self) -> int:
@@ -336,12 +368,6 @@ class MLLMAdapter(ABC):
         ids = self.tokenizer("", add_special_tokens=True)["input_ids"]
         return list(ids)
 
-    def full_input_ids(self, prompt: str, num_frames: int, target: str | None = None) -> torch.Tensor:
-        """``[L]`` input ids of the unpruned sequence, as the model's processor would build them
-        (visual slots hold the placeholder token id). Useful to check against the built-in forward."""
-        t, gh, gw = self.visual_grid(num_frames)
-        return self._template(prompt, target, t, gh * gw).ids
-
     # ------------------------------------------------------------------ masked batches
     def _check_X(self, X: torch.Tensor, batched: bool) -> torch.Tensor:
         want = 4 if batched else 3
@@ -356,6 +382,31 @@ class MLLMAdapter(ABC):
             raise ValueError(f"X has {n} tokens per frame, this model's grid has {gh}x{gw} = {gh * gw}")
         return X.to(self.device, self.dtype)
 
+    def _flat_side(self, side: dict[str, torch.Tensor] | None, lead: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Side features checked against ``lead`` (``(T', N)`` or ``(B, T', N)``) with the token
+        axes flattened (``[..., T'*N, ...]``), on the adapter's device (dtype kept)."""
+        if not side:
+            return {}
+        if not isinstance(side, dict):
+            raise TypeError(f"side features must be a dict of tensors, got {type(side).__name__}")
+        *outer, t, n = lead
+        k = len(outer)
+        names = "B, " * k
+        out = {}
+        for name, v in side.items():
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
+            if shape is not None and shape[: k + 1] == (*outer, t * n):
+                out[name] = v.to(self.device)
+            elif shape is not None and shape[: k + 2] == (*outer, t, n):
+                out[name] = v.flatten(k, k + 1).to(self.device)
+            else:
+                got = shape if shape is not None else type(v).__name__
+                raise ValueError(
+                    f"side feature {name!r} must have shape [{names}T', N, ...] = {(*outer, t, n)} or "
+                    f"[{names}T'*N, ...] = {(*outer, t * n)} (then any trailing axes), got {got}"
+                )
+        return out
+
     def _frames_for(self, t_prime: int) -> int:
         """A frame count whose grid has ``t_prime`` temporal steps (identity unless temporal patches)."""
         return t_prime
@@ -368,11 +419,13 @@ class MLLMAdapter(ABC):
         row_unit: torch.Tensor,
         row_keep: torch.Tensor,
         grid: tuple[int, int, int],
+        side: dict[str, torch.Tensor] | None = None,
     ) -> MaskedBatch:
         """Gather the kept positions of each row into one right-padded batch.
 
         vis ``[S, TN+E, D]`` visual tables; templates: U units (unit u uses sample
-        ``unit_sample[u]``); rows: ``row_unit[r]`` and visual keep ``row_keep[r, TN]``.
+        ``unit_sample[u]``); rows: ``row_unit[r]`` and visual keep ``row_keep[r, TN]``; side
+        features ``[S, TN, ...]`` are gathered with the same kept positions as the tokens.
         """
         dev = self.device
         tn = row_keep.shape[1]
@@ -418,7 +471,17 @@ class MLLMAdapter(ABC):
         pos = pos.masked_fill(~am.unsqueeze(0), 0)
         if self.position_dims == 1:
             pos = pos[0]
-        return MaskedBatch(embeds, am.long(), pos.contiguous(), input_ids, target, lengths)
+        slot_k = slot_f[ru, order]
+        visual = am & (slot_k >= 0) & (slot_k < tn)  # kept tokens of X (not the extras)
+        kept_side = {}
+        if side:
+            sample = unit_sample.to(dev)[row_unit].unsqueeze(1)
+            idx = slot_k.clamp(0, tn - 1)
+            for name, v in side.items():
+                g = v[sample, idx]  # [R, Lmax, ...]
+                on = visual.reshape(*visual.shape, *([1] * (g.ndim - 2)))
+                kept_side[name] = torch.where(on, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        return MaskedBatch(embeds, am.long(), pos.contiguous(), input_ids, target, lengths, visual, kept_side)
 
     def _lm(self, batch: MaskedBatch, use_cache: bool = False, cache: Any = None):
         kwargs = {self._cache_kw: cache} if cache is not None else {}
@@ -428,6 +491,7 @@ class MLLMAdapter(ABC):
             position_ids=batch.position_ids,
             use_cache=use_cache,
             **kwargs,
+            **self._lm_kwargs(batch),
         )
 
     def _target_nll(self, hidden: torch.Tensor, batch: MaskedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -461,13 +525,15 @@ class MLLMAdapter(ABC):
             )
         return keep
 
-    def masked_batch(self, X: torch.Tensor, keep: torch.Tensor, prompts: list[str], targets: list[str] | None = None) -> MaskedBatch:
+    def masked_batch(
+        self, X: torch.Tensor, keep: torch.Tensor, prompts: list[str], targets: list[str] | None = None, *, side: dict | None = None
+    ) -> MaskedBatch:
         """The ``B*G``-row padded batch that :meth:`score` feeds to the language model
         (row ``b*G + g`` is sample ``b`` under mask ``g``)."""
         with torch.inference_mode():
-            return self._masked_batch(X, keep, prompts, targets)
+            return self._masked_batch(X, keep, prompts, targets, side=side)
 
-    def _masked_batch(self, X, keep, prompts, targets) -> MaskedBatch:
+    def _masked_batch(self, X, keep, prompts, targets, *, side=None) -> MaskedBatch:
         X = self._check_X(X, batched=True)
         B, T, N, _ = X.shape
         if len(prompts) != B:
@@ -479,27 +545,33 @@ class MLLMAdapter(ABC):
             raise ValueError(f"keep mask must have shape (B, G, T'*N) = ({B}, G, {T * N}), got {got}")
         G = keep.shape[1]
         keep = self._check_keep(keep, (B, G, T * N))
+        side = self._flat_side(side, (B, T, N))
         templates = [self._template(p, None if targets is None else targets[b], T, N) for b, p in enumerate(prompts)]
         vis = torch.cat([X.flatten(1, 2), torch.stack([self._extras(x) for x in X])], dim=1)
         grid = (T, *self.visual_grid(self._frames_for(T))[1:])
         unit_sample = torch.arange(B)
         row_unit = torch.arange(B).repeat_interleave(G)
-        return self._build(vis, templates, unit_sample, row_unit, keep.reshape(B * G, T * N), grid)
+        return self._build(vis, templates, unit_sample, row_unit, keep.reshape(B * G, T * N), grid, side)
 
-    def score(self, X: torch.Tensor, keep: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+    def score(
+        self, X: torch.Tensor, keep: torch.Tensor, prompts: list[str], targets: list[str], *, side: dict | None = None
+    ) -> torch.Tensor:
         """Mean NLL of each target under each mask: ``X[B,T',N,D]``, ``keep[B,G,T'*N]`` (bool),
         ``B`` prompts (each with one ``<video>``) and targets -> ``[B, G]`` float32.
-        All ``B*G`` sequences run as one right-padded batch."""
+        All ``B*G`` sequences run as one right-padded batch. ``side``: the side features of
+        :meth:`encode_video_with_side`, stacked over the batch (``[B, T', N, ...]``)."""
         if targets is None:
             raise ValueError("score needs targets")
         with torch.inference_mode():
-            ce = self.target_ce(X, keep, prompts, targets)
+            ce = self.target_ce(X, keep, prompts, targets, side=side)
         return ce.clone()
 
-    def target_ce(self, X: torch.Tensor, keep: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+    def target_ce(
+        self, X: torch.Tensor, keep: torch.Tensor, prompts: list[str], targets: list[str], *, side: dict | None = None
+    ) -> torch.Tensor:
         """:meth:`score` without inference mode, so gradients flow: pre-training the project's
         own reference model goes through the same masked path that scores rollouts."""
-        batch = self._masked_batch(X, keep, prompts, targets)
+        batch = self._masked_batch(X, keep, prompts, targets, side=side)
         hidden = self._lm(batch).last_hidden_state
         sums, counts = self._target_nll(hidden, batch)
         return (sums / counts.clamp(min=1)).view(len(prompts), -1)
@@ -520,15 +592,18 @@ class MLLMAdapter(ABC):
         mask[ki] = True
         return mask
 
-    def _single(self, X: torch.Tensor, keep_index: torch.Tensor, prompts_targets: list[tuple[str, str | None]]) -> MaskedBatch:
+    def _single(
+        self, X: torch.Tensor, keep_index: torch.Tensor, prompts_targets: list[tuple[str, str | None]], side: dict | None = None
+    ) -> MaskedBatch:
         X = self._check_X(X, batched=False)
         T, N, _ = X.shape
         mask = self._keep_from_index(keep_index, T * N).to(self.device)
+        side = {k: v.unsqueeze(0) for k, v in self._flat_side(side, (T, N)).items()}
         templates = [self._template(p, tg, T, N) for p, tg in prompts_targets]
         vis = torch.cat([X.flatten(0, 1), self._extras(X)], dim=0).unsqueeze(0)
         grid = (T, *self.visual_grid(self._frames_for(T))[1:])
         U = len(templates)
-        return self._build(vis, templates, torch.zeros(U, dtype=torch.long), torch.arange(U), mask.expand(U, -1), grid)
+        return self._build(vis, templates, torch.zeros(U, dtype=torch.long), torch.arange(U), mask.expand(U, -1), grid, side)
 
     def _next_position(self, batch: MaskedBatch, full_max: int | torch.Tensor) -> torch.Tensor:
         L = int(batch.lengths[0])
@@ -536,15 +611,16 @@ class MLLMAdapter(ABC):
         shape = (1, 1) if self.position_dims == 1 else (self.position_dims, 1, 1)
         return torch.full(shape, nxt, dtype=torch.long, device=self.device)
 
-    def prefill(self, X: torch.Tensor, keep_index: torch.Tensor, prompt: str) -> PrefillOutput:
+    def prefill(self, X: torch.Tensor, keep_index: torch.Tensor, prompt: str, *, side: dict | None = None) -> PrefillOutput:
         """Run the prompt with only ``keep_index`` (sorted flat indices into ``T'*N``) visual
-        tokens; returns the last position's logits and the cache for decoding."""
+        tokens; returns the last position's logits and the cache for decoding. ``side``: the
+        side features of :meth:`encode_video_with_side` (here and in the methods below)."""
         with torch.inference_mode():
-            out, _ = self._prefill(X, keep_index, prompt)
+            out, _ = self._prefill(X, keep_index, prompt, side)
         return out
 
-    def _prefill(self, X, keep_index, prompt) -> tuple[PrefillOutput, MaskedBatch]:
-        batch = self._single(X, keep_index, [(prompt, None)])
+    def _prefill(self, X, keep_index, prompt, side=None) -> tuple[PrefillOutput, MaskedBatch]:
+        batch = self._single(X, keep_index, [(prompt, None)], side)
         full = self._full_position_max(X, prompt)
         res = self._lm(batch, use_cache=True)
         cache = getattr(res, "cache", None)
@@ -568,19 +644,23 @@ class MLLMAdapter(ABC):
         grid = (T, *self.visual_grid(self._frames_for(T))[1:])
         return int(self._full_positions(ids, slot, torch.ones_like(ids, dtype=torch.bool), grid).max())
 
-    def generate(self, X: torch.Tensor, keep_index: torch.Tensor, prompt: str, max_new_tokens: int = 16) -> str:
+    def generate(
+        self, X: torch.Tensor, keep_index: torch.Tensor, prompt: str, max_new_tokens: int = 16, *, side: dict | None = None
+    ) -> str:
         """Greedy decoding after a pruned prefill; stops at EOS. Returns the decoded text."""
-        ids = self.generate_ids(X, keep_index, prompt, max_new_tokens)
+        ids = self.generate_ids(X, keep_index, prompt, max_new_tokens, side=side)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def generate_ids(self, X: torch.Tensor, keep_index: torch.Tensor, prompt: str, max_new_tokens: int = 16) -> list[int]:
+    def generate_ids(
+        self, X: torch.Tensor, keep_index: torch.Tensor, prompt: str, max_new_tokens: int = 16, *, side: dict | None = None
+    ) -> list[int]:
         """Greedy token ids (EOS included when reached)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         eos = self.eos_token_ids
         out: list[int] = []
         with torch.inference_mode():
-            pre, _ = self._prefill(X, keep_index, prompt)
+            pre, _ = self._prefill(X, keep_index, prompt, side)
             cache, pos, length = pre.past_key_values, pre.next_position_ids, pre.cache_length
             tok = int(pre.logits.argmax())
             for step in range(max_new_tokens):
@@ -597,13 +677,15 @@ class MLLMAdapter(ABC):
                 tok = int(self.lm_head(res.last_hidden_state[0, -1]).argmax())
         return out
 
-    def option_logprobs(self, X: torch.Tensor, keep_index: torch.Tensor, prompt: str, options: list[str]) -> torch.Tensor:
+    def option_logprobs(
+        self, X: torch.Tensor, keep_index: torch.Tensor, prompt: str, options: list[str], *, side: dict | None = None
+    ) -> torch.Tensor:
         """Sum log-probability of each option as the answer after ``prompt`` (one padded batch
         over the options, same kept tokens) -> ``[len(options)]`` float32."""
         if not options:
             raise ValueError("options is empty")
         with torch.inference_mode():
-            batch = self._single(X, keep_index, [(prompt, o) for o in options])
+            batch = self._single(X, keep_index, [(prompt, o) for o in options], side)
             hidden = self._lm(batch).last_hidden_state
             sums, _ = self._target_nll(hidden, batch)
         return (-sums).clone()

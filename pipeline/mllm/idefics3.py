@@ -15,13 +15,48 @@ from __future__ import annotations
 import torch
 
 from pipeline.mllm.base import MLLMAdapter
+from pipeline.mllm.registry import register, tiny_text_config, tiny_tokenizer
 
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
 IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = [IMAGE_TOKEN, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN]
 
 
+def _tiny(vision_layers: int):
+    """16x16 frames, patch 4, scale factor 2 -> 2x2 tokens per frame."""
+    from transformers import Idefics3Config
+
+    tok = tiny_tokenizer([FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN])
+    cfg = Idefics3Config(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=vision_layers,
+                           num_attention_heads=2, image_size=16, patch_size=4),
+        text_config=dict(model_type="llama", **tiny_text_config(tok)),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), scale_factor=2, pad_token_id=tok.pad_token_id,
+    )
+    return cfg, tok
+
+
+def _processor_inputs(adapter: Idefics3Adapter, pixels: torch.Tensor, before: list[int], after: list[int]):
+    """The processor's single-image layout per frame,
+    ``<fake_token_around_image><global-img><image>*N<fake_token_around_image>``; the frames go
+    in as ``pixel_values[1, T, 3, S, S]``."""
+    T = pixels.shape[0]
+    _, gh, gw = adapter.visual_grid(T)
+    n = gh * gw
+    fake, glob = adapter.fake_image_token_id, adapter.global_image_token_id
+    frame = [fake, glob] + [adapter.image_token_id] * n + [fake]
+    ids = before + frame * T + after
+    x_positions = torch.tensor([len(before) + f * len(frame) + 2 + i for f in range(T) for i in range(n)])
+    return {"input_ids": torch.tensor([ids], device=pixels.device), "pixel_values": pixels[None]}, x_positions
+
+
+@register(
+    "idefics3",
+    # SmolVLM: the Idefics3 architecture under its own class
+    models={"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"},
+    tiny=_tiny,
+    processor_inputs=_processor_inputs,
+)
 class Idefics3Adapter(MLLMAdapter):
     position_dims = 1
 

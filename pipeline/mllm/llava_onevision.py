@@ -28,6 +28,7 @@ from pipeline.mllm.base import (
     MLLMAdapter,
     ceil_div,
 )
+from pipeline.mllm.registry import register, tiny_text_config, tiny_tokenizer
 
 
 def _inner(model: torch.nn.Module) -> torch.nn.Module:
@@ -68,6 +69,41 @@ def _video_features_from_embeddings(inner: torch.nn.Module, pixel_values_videos:
     return torch.cat((f, newline), dim=1)
 
 
+def _tiny(vision_layers: int):
+    """SigLIP, 16x16 frames, patch 4 -> 2x2 pooled tokens per frame; ``vision_layers=0`` is the
+    score-tiny layout."""
+    from transformers import LlavaOnevisionConfig
+
+    tok = tiny_tokenizer()
+    cfg = LlavaOnevisionConfig(
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+            num_hidden_layers=vision_layers, num_attention_heads=2, image_size=16, patch_size=4,
+        ),
+        text_config=dict(model_type="qwen2", **tiny_text_config(tok)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )
+    return cfg, tok
+
+
+def _processor_inputs(adapter: LlavaOnevisionAdapter, pixels: torch.Tensor, before: list[int], after: list[int]):
+    """The processor's layout: ``<video>`` becomes ``T*N + 1`` video tokens (the last one takes
+    the ``image_newline``); the frames go in as ``pixel_values_videos[1, T, 3, S, S]``."""
+    T = pixels.shape[0]
+    _, gh, gw = adapter.visual_grid(T)
+    n = T * gh * gw
+    ids = before + [adapter.video_token_id] * (n + 1) + after
+    kwargs = {"input_ids": torch.tensor([ids], device=pixels.device), "pixel_values_videos": pixels[None]}
+    return kwargs, torch.arange(len(before), len(before) + n)
+
+
+@register(
+    "llava_onevision",
+    models={"llava_onevision": "LlavaOnevisionForConditionalGeneration"},
+    tiny=_tiny,
+    processor_inputs=_processor_inputs,
+)
 class LlavaOnevisionAdapter(MLLMAdapter):
     position_dims = 1
 

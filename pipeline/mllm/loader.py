@@ -1,8 +1,8 @@
 """Load a frozen MLLM from a local directory or an ``s3://`` prefix in ``save_pretrained`` layout.
 
-The directory needs ``config.json`` (its ``model_type`` picks the adapter when
-``MLLMConfig.kind == "auto"``), the weights (``*.safetensors`` or ``pytorch_model*.bin``) and the
-tokenizer files; ``preprocessor_config.json`` / ``video_preprocessor_config.json`` are optional
+The directory needs ``config.json`` (with ``MLLMConfig.kind == "auto"`` its ``model_type`` picks
+the family, ``pipeline/mllm/registry.py``), the weights (``*.safetensors`` or
+``pytorch_model*.bin``) and the tokenizer files; ``preprocessor_config.json`` / ``video_preprocessor_config.json`` are optional
 (mean/std and, for Qwen, a fixed ``size.height/width``). No hub access: everything is local.
 """
 
@@ -16,52 +16,12 @@ from typing import Any
 import torch
 
 from pipeline.config import MLLMConfig, S3Config
+from pipeline.mllm import registry
 from pipeline.mllm.base import MLLMAdapter
 
 log = logging.getLogger(__name__)
 
-# model_type in config.json -> adapter kind
-MODEL_TYPES = {
-    "llava_onevision": "llava_onevision",
-    "qwen2_vl": "qwen2_vl",
-    "qwen2_5_vl": "qwen2_5_vl",
-    "idefics3": "idefics3",
-    "smolvlm": "idefics3",  # SmolVLM: the Idefics3 architecture under its own class
-}
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _classes(kind: str, model_type: str) -> tuple[type, type[MLLMAdapter]]:
-    if kind == "llava_onevision":
-        from transformers import LlavaOnevisionForConditionalGeneration
-
-        from pipeline.mllm.llava_onevision import LlavaOnevisionAdapter
-
-        return LlavaOnevisionForConditionalGeneration, LlavaOnevisionAdapter
-    if kind == "qwen2_vl":
-        from transformers import Qwen2VLForConditionalGeneration
-
-        from pipeline.mllm.qwen2_vl import Qwen2VLAdapter
-
-        return Qwen2VLForConditionalGeneration, Qwen2VLAdapter
-    if kind == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        from pipeline.mllm.qwen2_vl import Qwen25VLAdapter
-
-        return Qwen2_5_VLForConditionalGeneration, Qwen25VLAdapter
-    if kind == "idefics3":
-        from pipeline.mllm.idefics3 import Idefics3Adapter
-
-        if model_type == "smolvlm":
-            from transformers import SmolVLMForConditionalGeneration
-
-            return SmolVLMForConditionalGeneration, Idefics3Adapter
-        from transformers import Idefics3ForConditionalGeneration
-
-        return Idefics3ForConditionalGeneration, Idefics3Adapter
-    raise ValueError(f"unknown MLLM kind {kind!r}")
 
 
 def inspect_model_dir(path: str | Path) -> tuple[str, str]:
@@ -82,13 +42,14 @@ def inspect_model_dir(path: str | Path) -> tuple[str, str]:
     except ValueError as e:
         raise ValueError(f"{str(cfg_file)!r} is not valid JSON: {e}") from e
     model_type = cfg.get("model_type")
-    if model_type not in MODEL_TYPES:
+    fam = registry.for_model_type(model_type)
+    if fam is None:
         arch = cfg.get("architectures")
         raise ValueError(
             f"{str(d)!r} is not a supported multimodal LLM: config.json has model_type={model_type!r}"
-            f"{f', architectures={arch}' if arch else ''}; supported model types: {sorted(MODEL_TYPES)}"
+            f"{f', architectures={arch}' if arch else ''}; supported model types: {registry.model_types()}"
         )
-    return MODEL_TYPES[model_type], model_type
+    return fam.kind, model_type
 
 
 def _weights_present(d: Path) -> bool:
@@ -126,7 +87,8 @@ def load_mllm(
     if attn == "flash_attention_2" and dev.type != "cuda":
         log.warning("flash_attention_2 needs CUDA; using sdpa on %s", dev)
         attn = "sdpa"
-    model_cls, adapter_cls = _classes(kind, model_type)
+    fam = registry.family(kind)
+    model_cls = fam.model_class(model_type)
     try:
         model = model_cls.from_pretrained(str(local), dtype=_DTYPES[cfg.dtype], attn_implementation=attn)
     except ValueError as e:
@@ -139,7 +101,7 @@ def load_mllm(
         tokenizer = AutoTokenizer.from_pretrained(str(local))
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{str(local)!r}: cannot load the tokenizer ({e})") from e
-    return adapter_cls(
+    return fam.adapter(
         model,
         tokenizer,
         processor_dir=local,
@@ -151,7 +113,7 @@ def load_mllm(
 def adapter_for(model: torch.nn.Module, tokenizer: Any, **kwargs: Any) -> MLLMAdapter:
     """Wrap an already built model (e.g. a freshly built tiny one) in the adapter for its class."""
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"no adapter for model_type={model_type!r}; supported: {sorted(MODEL_TYPES)}")
-    _, adapter_cls = _classes(MODEL_TYPES[model_type], model_type)
-    return adapter_cls(model, tokenizer, **kwargs)
+    fam = registry.for_model_type(model_type)
+    if fam is None:
+        raise ValueError(f"no adapter for model_type={model_type!r}; supported: {registry.model_types()}")
+    return fam.adapter(model, tokenizer, **kwargs)

@@ -32,6 +32,7 @@ import math
 import torch
 
 from pipeline.mllm.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, MLLMAdapter, ceil_div
+from pipeline.mllm.registry import register, tiny_text_config, tiny_tokenizer
 
 _VIDEO_TYPE = 2  # mm_token_type_ids: text 0, image 1, video 2
 
@@ -51,6 +52,68 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def _tiny_text(tok) -> dict:
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    return tiny_text_config(tok, rope_parameters=rope)
+
+
+def _tiny_qwen2(vision_layers: int):
+    """Patch 4, merge 2, temporal patch 2 (with ``frame_size=(16, 24)``: 2x3 tokens per step)."""
+    from transformers import Qwen2VLConfig
+
+    tok = tiny_tokenizer()
+    vis = dict(depth=vision_layers, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4,
+               temporal_patch_size=2, spatial_merge_size=2)
+    ids = dict(video_token_id=tok.convert_tokens_to_ids("<video>"), image_token_id=tok.convert_tokens_to_ids("<image>"))
+    return Qwen2VLConfig(vision_config=vis, text_config=_tiny_text(tok), **ids), tok
+
+
+def _tiny_qwen2_5(vision_layers: int):
+    """As :func:`_tiny_qwen2`, with a windowed tower (at least 2 blocks, the second full attention)."""
+    from transformers import Qwen2_5_VLConfig
+
+    tok = tiny_tokenizer()
+    vis = dict(depth=max(vision_layers, 2), hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4,
+               temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=32, window_size=16,
+               fullatt_block_indexes=[1], tokens_per_second=2)
+    ids = dict(video_token_id=tok.convert_tokens_to_ids("<video>"), image_token_id=tok.convert_tokens_to_ids("<image>"))
+    return Qwen2_5_VLConfig(vision_config=vis, text_config=_tiny_text(tok), **ids), tok
+
+
+def _processor_inputs(adapter: Qwen2VLAdapter, pixels: torch.Tensor, before: list[int], after: list[int]):
+    """The video processor's layout: ``<video>`` becomes ``t*h*w / merge^2`` video tokens,
+    ``pixel_values_videos`` / ``video_grid_thw`` from :meth:`Qwen2VLAdapter.patchify` (checked
+    against the documented layout by the tests), ``mm_token_type_ids`` 2 on the video tokens."""
+    flat, grid = adapter.patchify(pixels)
+    gt, gh, gw = (int(v) for v in grid[0])
+    n = gt * (gh // adapter.merge) * (gw // adapter.merge)
+    ids = torch.tensor([before + [adapter.video_token_id] * n + after], device=pixels.device)
+    kwargs = {
+        "input_ids": ids,
+        "pixel_values_videos": flat,
+        "video_grid_thw": grid,
+        "mm_token_type_ids": (ids == adapter.video_token_id).int() * _VIDEO_TYPE,
+    }
+    return kwargs, torch.arange(len(before), len(before) + n)
+
+
+def _processor_inputs_2_5(adapter: Qwen25VLAdapter, pixels: torch.Tensor, before: list[int], after: list[int]):
+    """As Qwen2-VL, plus ``second_per_grid_ts = temporal_patch_size / fps``."""
+    kwargs, x_positions = _processor_inputs(adapter, pixels, before, after)
+    kwargs["second_per_grid_ts"] = torch.tensor([adapter.temporal_patch / adapter.fps], device=pixels.device)
+    return kwargs, x_positions
+
+
+_TINY_FRAME = {"frame_size": (16, 24)}
+
+
+@register(
+    "qwen2_vl",
+    models={"qwen2_vl": "Qwen2VLForConditionalGeneration"},
+    tiny=_tiny_qwen2,
+    processor_inputs=_processor_inputs,
+    tiny_adapter_kwargs=_TINY_FRAME,
+)
 class Qwen2VLAdapter(MLLMAdapter):
     """Qwen2-VL; also the base of :class:`Qwen25VLAdapter`."""
 
@@ -144,6 +207,13 @@ class Qwen2VLAdapter(MLLMAdapter):
         return pos.masked_fill(~valid.unsqueeze(0), 0)
 
 
+@register(
+    "qwen2_5_vl",
+    models={"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"},
+    tiny=_tiny_qwen2_5,
+    processor_inputs=_processor_inputs_2_5,
+    tiny_adapter_kwargs=_TINY_FRAME,
+)
 class Qwen25VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL: as Qwen2-VL, plus temporal M-RoPE ids spaced by
     ``tokens_per_second * second_per_grid`` with ``second_per_grid = temporal_patch_size / fps``
