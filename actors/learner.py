@@ -160,7 +160,7 @@ def build_engine(cfg: Config, stage: str, embed_dim: int, init_policy: str | Non
     if resume:
         policy = ck.load_policy(resume["path"], cfg.data.s3)
     elif init_policy:
-        policy = ScorePolicy.from_pretrained(init_policy)
+        policy = ScorePolicy.from_pretrained(init_policy, s3=cfg.data.s3)
     else:
         policy = fresh_policy(embed_dim, cfg.policy, cfg.run.seed)
     scfg = getattr(cfg.stage, stage)

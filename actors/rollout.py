@@ -161,7 +161,8 @@ class RolloutWorker:
         version, state = ray.get(self._store().latest_if_newer.remote(self.version), timeout=self.cfg.run.call_timeout_s)
         if self.policy is None:
             if self.init_policy_dir:
-                self.policy = ScorePolicy.from_pretrained(self.init_policy_dir, map_location=self.adapter.device)
+                self.policy = ScorePolicy.from_pretrained(self.init_policy_dir, map_location=self.adapter.device,
+                                                           s3=self.cfg.data.s3)
             else:  # the learner starts from the same seeded weights (version 0)
                 self.policy = init_policy(self.adapter.hidden_size, self.cfg.policy, self.cfg.run.seed).to(self.adapter.device)
             self.policy.eval()

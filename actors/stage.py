@@ -180,7 +180,7 @@ def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None, resume
     if init_policy:
         from pipeline.policy import ScorePolicy
 
-        ray.get(store.publish.remote(0, ScorePolicy.from_pretrained(init_policy).state_dict()),
+        ray.get(store.publish.remote(0, ScorePolicy.from_pretrained(init_policy, s3=cfg.data.s3).state_dict()),
                 timeout=cfg.run.call_timeout_s)
     skip: dict[int, list[str]] = {}
     if ref is not None:

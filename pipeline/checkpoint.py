@@ -171,14 +171,10 @@ def download(ref: CheckpointRef | str, dest: Path, s3: S3Config | None = None) -
 
 
 def load_policy(ckpt_path: str, s3: S3Config | None = None) -> Any:
-    """A checkpoint's policy (its ``policy/`` folder, read with safetensors; ``s3://`` checkpoints
-    are downloaded first)."""
+    """A checkpoint's policy (its ``policy/`` folder, local or ``s3://``, read with safetensors)."""
     from pipeline.policy import ScorePolicy
 
-    if not storage.is_s3(ckpt_path):
-        return ScorePolicy.from_pretrained(Path(ckpt_path) / "policy")
-    with tempfile.TemporaryDirectory(prefix="score-policy-") as tmp:
-        return ScorePolicy.from_pretrained(storage.download_dir(storage.join(ckpt_path, "policy"), tmp, s3))
+    return ScorePolicy.from_pretrained(storage.join(ckpt_path, "policy"), s3=s3)
 
 
 def delete(path: str, s3: S3Config | None = None) -> None:

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import PolicyConfig
+from pipeline.config import PolicyConfig, S3Config
 
 Tensor = torch.Tensor
 
@@ -223,9 +223,19 @@ class ScorePolicy(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "ScorePolicy":
-        """Load what :meth:`save_pretrained` wrote. Unknown config keys (a newer writer's extra
-        fields) are ignored; missing ones take :class:`PolicyConfig` defaults."""
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
+                        s3: S3Config | None = None) -> "ScorePolicy":
+        """Load what :meth:`save_pretrained` wrote, from a local folder or an ``s3://`` prefix
+        (downloaded first; ``s3``: the endpoint, else the AWS environment's). Unknown config keys
+        (a newer writer's extra fields) are ignored; missing ones take :class:`PolicyConfig`
+        defaults."""
+        from pipeline import storage
+
+        if storage.is_s3(str(directory)):
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="score-policy-") as tmp:
+                return cls.from_pretrained(storage.download_dir(str(directory), tmp, s3), map_location)
         src = Path(directory)
         meta = json.loads((src / CONFIG_NAME).read_text())
         if meta.get("model_type") != MODEL_TYPE:

@@ -265,12 +265,17 @@ def probe(prefix: str, s3: S3Config | None = None) -> None:
             run()
         except Exception as e:  # noqa: BLE001  (every failure becomes one line)
             text = f"{type(e).__name__}: {e}"
-            cause = next((c for pats, c in _CAUSES if any(x in text for x in pats)), None)
+            flat = _flat(text)  # pyarrow says INVALID_ACCESS_KEY_ID where boto3 says InvalidAccessKeyId
+            cause = next((c for pats, c in _CAUSES if any(_flat(x) in flat for x in pats)), None)
             if cause is None:  # e.g. a read-only rclone answers INTERNAL_FAILURE, not AccessDenied
                 cause = ("the store refused the write: read-only credentials or a read-only store"
                          if op == "write" else "") + f" ({text.splitlines()[0][:160]})"
             raise StoreError(f"object store at {where} cannot be used for {prefix}: {op} of {key} failed; "
                              f"likely cause: {cause}") from None
+
+
+def _flat(text: str) -> str:
+    return "".join(ch for ch in text.lower() if ch.isalnum())
 
 
 def _fail(why: str) -> bool:

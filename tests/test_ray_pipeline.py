@@ -374,6 +374,40 @@ def s3_store(request, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_curriculum_on_an_s3_store(assets, s3_store):
+    """The whole curriculum with its run on S3 (moto, and rclone serve s3 over real files): both
+    stages (stage 2 starting from stage 1's policy on S3), the selection on validation videos,
+    the final policy and the evaluation all land as objects, and no "directory" object exists."""
+    import boto3
+
+    from conftest import S3_TEST_ENV
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(OMP_NUM_THREADS="1", AWS_ENDPOINT_URL=s3_store, **S3_TEST_ENV)
+    work = assets / f"s3-cwd-{s3_store.rsplit(':', 1)[1]}"
+    work.mkdir()
+    cmd = [sys.executable, str(ROOT / "jobs" / "train_curriculum.py"), "--config", str(assets / "cfg.yaml"),
+           "--storage", "s3://runs/exp", "--run", "s3cur", "--set", "checkpoint.every=1",
+           "--set", f"validation.video_shards={assets / 'world' / 'val' / 'videos'}"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=work)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["final_policy"] == "s3://runs/exp/s3cur/final/policy/"
+    assert summary["stages"]["real_video"]["init_from"] == "s3://runs/exp/s3cur/pseudo_video/policy"
+    assert all(summary["stages"][s]["steps_done"] == STEPS for s in ("pseudo_video", "real_video"))
+    assert summary["evaluation"]["videos"] == 4 and summary["selection"]["candidates"] >= 1
+    s3 = boto3.client("s3", endpoint_url=s3_store, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="runs", Prefix="exp/s3cur/")
+            for o in page.get("Contents", [])}
+    for key in ("final/policy/model.safetensors", "pseudo_video/learner_summary.json", "real_video/ledger.json",
+                "real_video/selection/selection.json", "eval/results.json"):
+        assert f"exp/s3cur/{key}" in keys, key
+    assert not [k for k in keys if k.endswith("/")]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_kill9_driver_mid_stage_then_rerun_resumes(assets, s3_store, monkeypatch):
     """With the run on a real S3 server (moto, and rclone serve s3 over real files): kill -9 the
     stage driver right after its first checkpoint commits; the same command again resumes there:

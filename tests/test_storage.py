@@ -111,3 +111,20 @@ def test_read_only_store_is_one_error_before_any_ray_work(tmp_path):
     assert line.startswith(f"error: object store at {srv.url} cannot be used for s3://bucket/runs/ro: write of"), out
     assert "read-only" in line
     assert secret not in out and "ray" not in out.lower().replace("s3://bucket/runs", "")
+
+
+def test_wrong_credentials_are_named_never_shown(tmp_path, monkeypatch):
+    from pipeline import storage
+
+    srv = _rclone(tmp_path / "s3")  # accepts testing/testing only
+    try:
+        for k, v in S3_TEST_ENV.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", srv.url)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-77")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody-key")
+        with pytest.raises(storage.StoreError) as e:
+            storage.probe("s3://bucket/runs/r1")
+    finally:
+        srv.stop()
+    assert "likely cause: wrong or missing credentials" in str(e.value) and "not-the-secret-77" not in str(e.value)
