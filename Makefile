@@ -11,10 +11,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 venv: $(STAMP)
 
+# The eval extra (what lmms-eval needs to run the `score` model's tests), then lmms-eval itself
+# without its own requirements, which would pull torchvision, timm, av<16, ... (pyproject.toml).
+LMMS_EVAL := lmms-eval==0.7.3
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,eval]'
+	$(BIN)/pip install -q --no-deps $(LMMS_EVAL)
 	touch $(STAMP)
 
 demo: venv
