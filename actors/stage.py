@@ -160,6 +160,9 @@ def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None, resume
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    from pipeline.mllm.loader import check_model_dir
+
+    check_model_dir(cfg)  # before any Ray work, as a bad --resume below
     ref = find_checkpoint(cfg, stage, resume, log)  # before any Ray work: a bad --resume fails fast
     for k, v in DEFAULT_ENV.items():
         os.environ.setdefault(k, v)

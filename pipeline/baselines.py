@@ -296,7 +296,8 @@ def _decoder_layers(lm: torch.nn.Module) -> torch.nn.ModuleList:
     raise ValueError(f"{type(lm).__name__}: no decoder layer list found")
 
 
-def last_token_attention(adapter: Any, X: torch.Tensor, prompt: str, layer: int = 2) -> torch.Tensor:
+def last_token_attention(adapter: Any, X: torch.Tensor, prompt: Any, layer: int = 2,
+                         side: dict | None = None) -> torch.Tensor:
     """Attention of the last prompt token to every visual token at decoder layer ``layer`` (0-based,
     clamped to the last layer), averaged over heads, with ALL visual tokens in the sequence
     -> float32 ``[T*N]`` (index ``t*N + i``).
@@ -331,7 +332,8 @@ def last_token_attention(adapter: Any, X: torch.Tensor, prompt: str, layer: int 
     try:
         with torch.inference_mode():
             keep = torch.ones(1, 1, T * N, dtype=torch.bool)
-            batch = adapter._masked_batch(X[None], keep, [prompt], None)
+            batch = adapter._masked_batch(X[None], keep, [prompt], None,
+                                          side={k: v[None] for k, v in (side or {}).items()})
             try:
                 adapter._lm(batch)
             except _StopForward:
@@ -358,7 +360,7 @@ def fastv_select(X: torch.Tensor, k: int, ctx: SelectionContext, layer: int = 2)
     if ctx.adapter is None or ctx.prompt is None:
         raise ValueError("fastv selection needs the MLLM adapter and the prompt (SelectionContext.adapter/.prompt)")
 
-    att = last_token_attention(ctx.adapter, X, ctx.prompt, layer)
+    att = last_token_attention(ctx.adapter, X, ctx.prompt, layer, ctx.side)
     return topk_keep(att, k=k).cpu()
 
 

@@ -1,6 +1,6 @@
 """A byte-bounded LRU for what a rollout does not need to recompute (no Ray, no torch import).
 
-:func:`pipeline.trainer.rollout` keeps the vision features ``X`` under the sample id and
+:func:`pipeline.trainer.rollout` keeps the vision features ``(X, side)`` under the sample id and
 ``CE_full`` under ``("ce_full", sample id, prompt, target)``: neither depends on the policy, so a
 sample seen again (the next data epoch of a real video, a pseudo-video grouped the same way) skips
 the vision tower and the all-tokens scoring row. A rollout actor lives for a whole stage and may
@@ -15,7 +15,12 @@ from typing import Any, Iterator
 
 
 def nbytes(value: Any) -> int:
-    """Bytes a cached value holds: torch tensors and numpy arrays by their buffers, else 0."""
+    """Bytes a cached value holds: torch tensors and numpy arrays by their buffers, tuples, lists
+    and dicts by their items, else 0."""
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
     if hasattr(value, "element_size") and hasattr(value, "numel"):
         return int(value.element_size()) * int(value.numel())
     return int(getattr(value, "nbytes", 0))

@@ -100,6 +100,9 @@ class MLLMConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     compact_positions: bool = Field(False, description="re-index kept tokens 0..K-1 (default keeps original ids)")
+    chat_template: Literal["auto", "plain"] = Field(
+        "auto", description="auto: the checkpoint's own chat template when it has one; plain: turn texts as they are"
+    )
 
     @field_validator("kind")
     @classmethod

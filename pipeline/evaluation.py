@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -33,6 +33,7 @@ class EvalVideo:
     objects: list[dict]
     frame_hw: tuple[int, int]
     frames: Any = None  # the decoded frames, kept for the timed videos only (load_eval_videos keep_frames)
+    side: dict = field(default_factory=dict)  # the family's side features ([T', N, ...]; DeepStack)
 
 
 def load_eval_videos(adapter: MLLMAdapter, video_root: str, limit: int, num_frames: int, size: int,
@@ -49,8 +50,9 @@ def load_eval_videos(adapter: MLLMAdapter, video_root: str, limit: int, num_fram
             if not qa:
                 continue
             v = readers.load_video(rec, num_frames, size, max_words, s3)
-            out.append(EvalVideo(rec["id"], adapter.encode_video(v["frames"]), qa[0], json.loads(rec["objects"]),
-                                 tuple(rec["hw"] or (size, size)), v["frames"] if len(out) < keep_frames else None))
+            X, side = adapter.encode_video_with_side(v["frames"])
+            out.append(EvalVideo(rec["id"], X, qa[0], json.loads(rec["objects"]), tuple(rec["hw"] or (size, size)),
+                                 v["frames"] if len(out) < keep_frames else None, side))
             if len(out) >= limit:
                 return out
     return out
@@ -61,7 +63,7 @@ def video_context(adapter: MLLMAdapter, v: EvalVideo, seed: int = 0) -> Selectio
     t = v.X.shape[0]
     grid = (t, *adapter.visual_grid(t)[1:])  # (gh, gw) do not depend on the frame count
     return SelectionContext(grid=grid, frame_hw=v.frame_hw, objects=v.objects, question_objects=v.qa.get("objects"),
-                            seed=seed, prompt=qa_prompt(v.qa["question"]), adapter=adapter)
+                            seed=seed, prompt=qa_prompt(v.qa["question"]), adapter=adapter, side=v.side)
 
 
 def answer_word(text: str) -> str:
@@ -86,10 +88,10 @@ def evaluate_qa(adapter: MLLMAdapter, videos: Iterable[EvalVideo],
             ctx = video_context(adapter, v, seed * 100_003 + i)
             keep = selector(v.X, budget(retention, t * n), ctx)
         prompt = qa_prompt(v.qa["question"])
-        ok = answer_word(adapter.generate(v.X, keep, prompt, max_new_tokens=2)) == v.qa["answer"]
+        ok = answer_word(adapter.generate(v.X, keep, prompt, max_new_tokens=2, side=v.side)) == v.qa["answer"]
         if options:
             opts = v.qa.get("options") or [v.qa["answer"]]
-            lp = adapter.option_logprobs(v.X, keep, prompt, opts)
+            lp = adapter.option_logprobs(v.X, keep, prompt, opts, side=v.side)
             opt_hits.append(opts[int(torch.argmax(lp))] == v.qa["answer"])
         hits.append(ok)
         per_type.setdefault(v.qa.get("type", "qa"), []).append(ok)
@@ -130,7 +132,7 @@ def full_length(adapter: MLLMAdapter, v: EvalVideo) -> int:
     return int(adapter._template(qa_prompt(v.qa["question"]), None, v.X.shape[0], v.X.shape[1]).ids.numel())
 
 
-def deployed_rounds(adapter: MLLMAdapter, encode: Callable[[], torch.Tensor],
+def deployed_rounds(adapter: MLLMAdapter, encode: Callable[[], Any],
                     select: Callable[[torch.Tensor], torch.Tensor] | None, prompt: str,
                     repeats: int = 5) -> dict[str, float]:
     """One video's cost in the order a deployment pays it: ``{select_s, prefill_s, full_prefill_s}``,
@@ -139,24 +141,30 @@ def deployed_rounds(adapter: MLLMAdapter, encode: Callable[[], torch.Tensor],
     Each round runs ``[X = encode(); select(X); prefill with the kept tokens; X = encode(); prefill
     with all tokens]``: the selector sees the tokens the vision encoder has just produced and both
     prefills are timed in the same rounds (one clock, side by side). ``select=None`` keeps every
-    token. On this CPU small work timed alone in a tight loop reads 2-3x faster than here, because
+    token. ``encode`` returns ``X`` or ``(X, side)`` (:meth:`MLLMAdapter.encode_video_with_side`).
+    On this CPU small work timed alone in a tight loop reads 2-3x faster than here, because
     its ops and data stay in cache between calls (EXPERIMENTS.md)."""
     rounds: list[tuple[float, float, float]] = []
+
+    def encoded() -> tuple[torch.Tensor, dict]:
+        out = encode()
+        return out if isinstance(out, tuple) else (out, {})
+
     for rep in range(max(1, repeats) + 1):
-        X = encode()
+        X, side = encoded()
         full = torch.arange(X.shape[0] * X.shape[1])
         sync(adapter.device)
         t0 = time.perf_counter()
         keep = full if select is None else select(X)
         sync(adapter.device)
         t1 = time.perf_counter()
-        adapter.prefill(X, keep, prompt)
+        adapter.prefill(X, keep, prompt, side=side)
         sync(adapter.device)
         t2 = time.perf_counter()
-        X = encode()
+        X, side = encoded()
         sync(adapter.device)
         t3 = time.perf_counter()
-        adapter.prefill(X, full, prompt)
+        adapter.prefill(X, full, prompt, side=side)
         sync(adapter.device)
         if rep:  # round 0 warms up
             rounds.append((t1 - t0, t2 - t1, time.perf_counter() - t3))
@@ -174,8 +182,8 @@ def time_deployed(adapter: MLLMAdapter, videos: list[EvalVideo], selector: Calla
         ctx = video_context(adapter, v, seed * 100_003 + i)
         k = budget(retention, v.X.shape[0] * v.X.shape[1])
 
-        def encoded(v: EvalVideo = v) -> torch.Tensor:
-            return v.X if v.frames is None else adapter.encode_video(v.frames)
+        def encoded(v: EvalVideo = v) -> tuple[torch.Tensor, dict]:
+            return (v.X, v.side) if v.frames is None else adapter.encode_video_with_side(v.frames)
 
         select = None if selector is None else (lambda X, ctx=ctx, k=k: selector(X, k, ctx))
         for key, val in deployed_rounds(adapter, encoded, select, qa_prompt(v.qa["question"]), repeats).items():

@@ -5,7 +5,7 @@
     out = cm.generate("clip.mp4", "what color is the circle ?")
     out["answer"], out["kept"], out["total"], out["prefill_s"], out["policy_s"]
 
-Path: frames -> ``adapter.encode_video`` -> ``X[T', N, D]`` -> policy keep logits -> deterministic
+Path: frames -> ``adapter.encode_video_with_side`` -> ``X[T', N, D]`` -> policy keep logits -> deterministic
 global top-K (:func:`pipeline.select.topk_keep`, ``K = ceil(retention * T'*N)``, original order,
 optional per-frame minimum) -> ``adapter.generate`` with only the kept visual tokens (their
 original position ids; text tokens are always kept).
@@ -28,12 +28,15 @@ from pipeline.select import inference_forward, topk_keep
 
 
 def as_prompt(adapter: MLLMAdapter, question_or_prompt: str) -> str:
-    """A prompt that already holds the video placeholder is used as is; a bare question is wrapped
-    in the project's QA template (``"<video> question : ... answer :"``)."""
+    """A prompt that already holds the video placeholder is used as is; a bare question becomes
+    the user turn ``"<video>\n<question>"`` for a checkpoint with a chat template, and the
+    project's QA prompt (``"<video> question : ... answer :"``, what score-tiny learned) otherwise."""
     if not isinstance(question_or_prompt, str) or not question_or_prompt.strip():
         raise ValueError("question/prompt must be a non-empty string")
     if adapter.video_placeholder in question_or_prompt:
         return question_or_prompt
+    if not adapter.chat.plain:
+        return f"{adapter.video_placeholder}\n{question_or_prompt.strip()}"
     return qa_prompt(question_or_prompt.strip())
 
 
@@ -69,9 +72,9 @@ class CompressedMLLM:
             return read_frames(frames, self.num_frames, max(self.adapter.frame_size))
         return frames
 
-    def encode(self, frames: Any) -> torch.Tensor:
-        """Frames (or a video path) -> ``X[T', N, D]``."""
-        return self.adapter.encode_video(self.frames(frames))
+    def encode(self, frames: Any) -> tuple[torch.Tensor, dict]:
+        """Frames (or a video path) -> ``(X[T', N, D], side)`` (side features: DeepStack's; ``{}`` for most families)."""
+        return self.adapter.encode_video_with_side(self.frames(frames))
 
     @torch.inference_mode()
     def select(self, X: torch.Tensor, retention: float | None = None) -> tuple[torch.Tensor, float]:
@@ -94,15 +97,16 @@ class CompressedMLLM:
         ``prefill_s`` is the wall time of the pruned prefill inside this very generation."""
         prompt = as_prompt(self.adapter, question_or_prompt)
         t0 = time.perf_counter()
-        X = self.encode(frames)
+        X, side = self.encode(frames)
         encode_s = time.perf_counter() - t0
         keep, policy_s = self.select(X, retention)
-        ids, prefill_s = self._generate_timed(X, keep, prompt, max_new_tokens)
+        ids, prefill_s = self._generate_timed(X, keep, prompt, max_new_tokens, side)
         answer = self.adapter.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return {"answer": answer, "kept": int(keep.numel()), "total": int(X.shape[0] * X.shape[1]),
                 "prefill_s": prefill_s, "policy_s": policy_s, "encode_s": encode_s}
 
-    def _generate_timed(self, X: torch.Tensor, keep: torch.Tensor, prompt: str, max_new_tokens: int) -> tuple[list[int], float]:
+    def _generate_timed(self, X: torch.Tensor, keep: torch.Tensor, prompt: str, max_new_tokens: int,
+                        side: dict | None = None) -> tuple[list[int], float]:
         """``adapter.generate_ids`` with its prefill timed (the adapter's prefill step is wrapped for
         this one call, so nothing runs twice)."""
         ad = self.adapter
@@ -119,7 +123,7 @@ class CompressedMLLM:
 
         ad._prefill = timed  # instance attribute shadows the method for this call only
         try:
-            ids = ad.generate_ids(X, keep, prompt, max_new_tokens)
+            ids = ad.generate_ids(X, keep, prompt, max_new_tokens, side=side)
         finally:
             del ad._prefill
         return ids, timing.get("prefill", float("nan"))

@@ -27,12 +27,12 @@ Model arguments (``--model_args k=v,...``):
   num_frames))``, PyAV), resized to the model's frame size (``pipeline.inference.read_frames``).
 * ``seed`` (0), ``fastv_layer`` (2), ``min_per_frame`` (the compressor's), ``dtype`` (float32),
   ``attn_implementation`` (sdpa), ``device`` (cuda when available), ``max_new_tokens`` (the task's),
-  ``chat_template`` (``auto``: the tokenizer's chat template when it has one, else the plain
+  ``chat_template`` (``auto``: the checkpoint's chat template when it has one, else the plain
   prompt; ``none``: always plain), ``system_prompt``, ``compact_positions``.
 
-The prompt: the messages' parts in order, each video as the adapter's ``<video>`` placeholder
-(Qwen families: wrapped in ``<|vision_start|>...<|vision_end|>``), joined by a space (plain) or a
-newline inside each turn of the chat template. The shapes task's user turn ``[video, "question : q
+The prompt: the messages' parts in order, each video as the adapter's ``<video>`` placeholder,
+joined by a space (plain) or, with the checkpoint's chat template, a conversation with each turn's
+parts joined by a newline, which the adapter renders as training does (pipeline/mllm/chat.py). The shapes task's user turn ``[video, "question : q
 answer :"]`` thus reads exactly ``qa_prompt(q)``, the prompt ``jobs/evaluate.py`` scores.
 
 Batching: ``--batch_size B`` runs ``B`` requests as one right-padded batch (the adapter's
@@ -57,6 +57,9 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from pipeline.mllm.base import stack_side
+from pipeline.mllm.chat import conversation
 
 try:  # the harness is an optional extra: this module (and the exporter) import without it
     from lmms_eval.api.instance import GenerationResult as _GenerationResult
@@ -206,27 +209,18 @@ def _describe(turns: list[tuple[str, list[tuple[str, Any]]]]) -> str:
     return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing"
 
 
-def video_marker(adapter: Any) -> str:
-    """The text that stands for the video in a prompt: the adapter's placeholder, wrapped in
-    ``<|vision_start|>``/``<|vision_end|>`` for the Qwen families (their chat prompts carry the wrappers)."""
-    ph = adapter.video_placeholder
-    vocab = getattr(adapter.tokenizer, "get_vocab", lambda: {})()
-    if "qwen" in type(adapter).__name__.lower() and "<|vision_start|>" in vocab and "<|vision_end|>" in vocab:
-        return f"<|vision_start|>{ph}<|vision_end|>"
-    return ph
-
-
 class FrameList(list):
     """A video given as its frames (images, e.g. MVBench's frame folders): sampled like a clip."""
 
 
-def render_prompt(adapter: Any, turns: list[tuple[str, list[tuple[str, Any]]]], chat_template: str = "auto",
-                  where: str = "request") -> tuple[str, Any]:
-    """``(prompt with one video placeholder, the video source)`` of a request's turns.
-    Plain: every part in order joined by a space (``"<video> question : ... answer :"``); chat: each
-    turn's parts joined by a newline, through the tokenizer's chat template (generation prompt added).
-    A request of two or more images and no video (a frame list) is one video of those frames,
-    placed where its first image is; the source is then a :class:`FrameList`."""
+def render_prompt(adapter: Any, turns: list[tuple[str, list[tuple[str, Any]]]],
+                  where: str = "request") -> tuple[Any, Any]:
+    """``(prompt, the video source)`` of a request's turns; the prompt holds the video placeholder
+    once and the adapter renders it (pipeline/mllm/chat.py). With the plain format it is every
+    part in order joined by a space (``"<video> question : ... answer :"``, what ``jobs/evaluate.py``
+    scores); with the checkpoint's chat template it is the conversation, each turn's parts joined
+    by a newline. A request of two or more images and no video (a frame list) is one video of
+    those frames, placed where its first image is; the source is then a :class:`FrameList`."""
     videos = [v for _, parts in turns for kind, v in parts if kind == "video"]
     images = [v for _, parts in turns for kind, v in parts if kind == "image"]
     frames = not videos and len(images) >= 2
@@ -237,25 +231,26 @@ def render_prompt(adapter: Any, turns: list[tuple[str, list[tuple[str, Any]]]], 
     others = sorted({kind for _, parts in turns for kind, _v in parts if kind == "audio" or (kind == "image" and not frames)})
     if others:
         raise BadRequest(f"{where}: the request also holds {', '.join(others)} input(s), which model {MODEL_ID!r} cannot see")
-    marker = video_marker(adapter)
+    ph = adapter.video_placeholder
     seen = []
 
     def text_of(kind: str, value: Any) -> str:
         if kind in ("video", "image"):  # (images only as a frame list: the first stands for the video)
             seen.append(kind)
-            return marker if len(seen) == 1 else ""
-        if adapter.video_placeholder in value:
-            raise BadRequest(f"{where}: the text itself holds the video placeholder {adapter.video_placeholder!r}")
+            return ph if len(seen) == 1 else ""
+        if ph in value:
+            raise BadRequest(f"{where}: the text itself holds the video placeholder {ph!r}")
         return value.strip()
 
-    template = getattr(adapter.tokenizer, "chat_template", None)
-    use_chat = chat_template == "auto" and bool(template)
-    if not use_chat:
-        prompt = " ".join(t for _, parts in turns for kind, v in parts if (t := text_of(kind, v)))
+    if adapter.chat.plain:
+        prompt: Any = " ".join(t for _, parts in turns for kind, v in parts if (t := text_of(kind, v)))
     else:
-        conv = [{"role": role, "content": "\n".join(t for kind, v in parts if (t := text_of(kind, v)))}
-                for role, parts in turns]
-        prompt = adapter.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        prompt = [{"role": role, "content": "\n".join(t for kind, v in parts if (t := text_of(kind, v)))}
+                  for role, parts in turns]
+        try:
+            conversation(prompt)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(f"{where}: {e}") from e
     return prompt, (FrameList(images) if frames else _video_source(videos[0]))
 
 
@@ -298,8 +293,8 @@ class ScoreLMM(_LMMBase):  # type: ignore[misc,valid-type]
         self.seed = _as_int("seed", seed, lo=0)
         self.max_new_tokens = None if max_new_tokens in (None, "") else _as_int("max_new_tokens", max_new_tokens)
         if str(chat_template).lower() not in ("auto", "none", "false", "plain"):
-            raise ValueError(f"chat_template={chat_template!r}: auto (the tokenizer's template, if any) or none")
-        self.chat_template = "auto" if str(chat_template).lower() == "auto" else "none"
+            raise ValueError(f"chat_template={chat_template!r}: auto (the checkpoint's template, if any) or none")
+        chat = "auto" if str(chat_template).lower() == "auto" else "plain"
         self.system_prompt = self._resolve_system_prompt(str(system_prompt)) if system_prompt else None
 
         dev = device
@@ -308,7 +303,7 @@ class ScoreLMM(_LMMBase):  # type: ignore[misc,valid-type]
                 log.warning("device=%s requested but CUDA is not available; using %s", dev, default_device())
             dev = default_device()
         self.adapter = load_mllm(MLLMConfig(path=str(pretrained), dtype=dtype, attn_implementation=attn_implementation,
-                                            compact_positions=_as_bool(compact_positions)), device=dev)
+                                            compact_positions=_as_bool(compact_positions), chat_template=chat), device=dev)
         self._device = self.adapter.device
         self.policy = None
         if compressor and self.method in ("score", "full"):
@@ -391,20 +386,20 @@ class ScoreLMM(_LMMBase):  # type: ignore[misc,valid-type]
             raise BadRequest(f"{where}: cannot decode video {str(source)[:200]!r}: {e}") from e
 
     def _encode(self, source: Any, where: str):
-        """``X[T', N, D]`` of a video (decoded once; the last few files are kept)."""
+        """``(X[T', N, D], side)`` of a video (decoded once; the last few files are kept)."""
         key = None if isinstance(source, FrameList) else source if isinstance(source, bytes) else str(source)
         if key is not None and key in self._videos:
             self._videos.move_to_end(key)
             return self._videos[key]
-        X = self.adapter.encode_video(self._frames(source, where))
+        enc = self.adapter.encode_video_with_side(self._frames(source, where))
         if key is None:
-            return X
-        self._videos[key] = X
+            return enc
+        self._videos[key] = enc
         while len(self._videos) > self.batch_size + 4:
             self._videos.popitem(last=False)
-        return X
+        return enc
 
-    def _keep(self, X, prompt: str, doc_id: int):
+    def _keep(self, X, prompt: Any, doc_id: int, side: dict):
         """Sorted kept indices into ``T'*N`` (every token at full retention)."""
         import torch
 
@@ -415,15 +410,15 @@ class ScoreLMM(_LMMBase):  # type: ignore[misc,valid-type]
             return torch.arange(t * n)
         grid = (t, *self.adapter.visual_grid(t)[1:])
         seed = self.seed * 100_003 + int(doc_id)  # evaluate_qa's per-video seed
-        ctx = SelectionContext(grid=grid, seed=seed, prompt=prompt, adapter=self.adapter)
+        ctx = SelectionContext(grid=grid, seed=seed, prompt=prompt, adapter=self.adapter, side=side)
         return self.selector(X, budget(self.retention, t * n), ctx)
 
     def _prepare(self, turns, doc_id: int, where: str):
         if self.system_prompt:
             turns = [("system", [("text", self.system_prompt)])] + [t for t in turns if t[0] != "system"]
-        prompt, source = render_prompt(self.adapter, turns, self.chat_template, where)
-        X = self._encode(source, where)
-        return X, self._keep(X, prompt, doc_id), prompt
+        prompt, source = render_prompt(self.adapter, turns, where)
+        X, side = self._encode(source, where)
+        return X, self._keep(X, prompt, doc_id, side), prompt, side
 
     def _request_turns(self, args: tuple, where: str):
         """Turns of a ``generate_until`` request: chat ``(ctx, doc_to_messages, gen_kwargs, doc_id,
@@ -487,7 +482,7 @@ class ScoreLMM(_LMMBase):  # type: ignore[misc,valid-type]
                     turns, doc_id = self._request_turns(args, where)
                     rows.append(self._prepare(turns, doc_id, where))
                 texts = generate_batch(self.adapter, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                                       max_new, until)
+                                       max_new, until, sides=[r[3] for r in rows])
                 for i, text in zip(chunk, texts):
                     res[i] = text
                     self.cache_hook.add_partial("generate_until", (requests[i].args[0], gens[key]), text)
@@ -520,7 +515,7 @@ class ScoreLMM(_LMMBase):  # type: ignore[misc,valid-type]
                 rows.append(self._prepare(turns, doc_id, where))
                 targets.append(cont)
             out.extend(loglikelihood_batch(self.adapter, [r[0] for r in rows], [r[1] for r in rows],
-                                           [r[2] for r in rows], targets))
+                                           [r[2] for r in rows], targets, sides=[r[3] for r in rows]))
             bar.update(len(rows))
         bar.close()
         self._record("loglikelihood", len(requests), time.perf_counter() - t0)
@@ -579,20 +574,21 @@ def _by_grid(Xs: Sequence) -> list[list[int]]:
     return list(groups.values())
 
 
-def generate_batch(adapter: Any, Xs: Sequence, keeps: Sequence, prompts: Sequence[str], max_new_tokens: int = 16,
-                   until: Iterable[str] = ()) -> list[str]:
+def generate_batch(adapter: Any, Xs: Sequence, keeps: Sequence, prompts: Sequence[Any], max_new_tokens: int = 16,
+                   until: Iterable[str] = (), sides: Sequence[dict] | None = None) -> list[str]:
     """Greedy answers of ``len(Xs)`` videos (``X[T', N, D]`` each, its sorted kept indices and its
     prompt) decoded together: one right-padded prefill (:meth:`MLLMAdapter.masked_batch`, each row
     with its full sequence's position ids), then one token per row per step over the shared
     cache, the padding masked out. Row ``b`` equals ``adapter.generate(Xs[b], keeps[b],
-    prompts[b], max_new_tokens)`` cut at the first ``until`` string."""
+    prompts[b], max_new_tokens, side=sides[b])`` cut at the first ``until`` string (``sides``: each
+    video's side features, :meth:`MLLMAdapter.encode_video_with_side`; none for most families)."""
     until = [u for u in until if u]
     out: list[str] = [""] * len(Xs)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     for idx in _by_grid(Xs):
         texts = _generate_group(adapter, [Xs[i] for i in idx], [keeps[i] for i in idx], [prompts[i] for i in idx],
-                                max_new_tokens, until)
+                                max_new_tokens, until, _side_of(sides, idx))
         for i, t in zip(idx, texts):
             out[i] = t
     return out
@@ -606,13 +602,17 @@ def _cut(text: str, until: Sequence[str]) -> str:
     return text
 
 
-def _generate_group(adapter, Xs, keeps, prompts, max_new_tokens, until):
+def _side_of(sides: Sequence[dict] | None, idx: Sequence[int]) -> dict:
+    return stack_side([sides[i] for i in idx]) if sides else {}
+
+
+def _generate_group(adapter, Xs, keeps, prompts, max_new_tokens, until, side):
     import torch
 
     with torch.inference_mode():
         X, mask = _stack(adapter, Xs, keeps)
         B = X.shape[0]
-        batch = adapter._masked_batch(X, mask, list(prompts), None)
+        batch = adapter._masked_batch(X, mask, list(prompts), None, side=side)
         res = adapter._lm(batch, use_cache=True)
         cache = getattr(res, "cache", None)
         if cache is None:
@@ -652,8 +652,8 @@ def _generate_group(adapter, Xs, keeps, prompts, max_new_tokens, until):
     return [_cut(adapter.tokenizer.decode(i, skip_special_tokens=True).strip(), until).strip() for i in ids]
 
 
-def loglikelihood_batch(adapter: Any, Xs: Sequence, keeps: Sequence, prompts: Sequence[str],
-                        targets: Sequence[str]) -> list[tuple[float, bool]]:
+def loglikelihood_batch(adapter: Any, Xs: Sequence, keeps: Sequence, prompts: Sequence[Any],
+                        targets: Sequence[str], sides: Sequence[dict] | None = None) -> list[tuple[float, bool]]:
     """``(sum log p(target), greedy?)`` of each (video, kept tokens, prompt, target) row, the rows
     of one grid in one right-padded forward (:meth:`MLLMAdapter.masked_batch` with targets): the
     values ``adapter.option_logprobs`` gives for the same row."""
@@ -664,7 +664,8 @@ def loglikelihood_batch(adapter: Any, Xs: Sequence, keeps: Sequence, prompts: Se
     with torch.inference_mode():
         for idx in _by_grid(Xs):
             X, mask = _stack(adapter, [Xs[i] for i in idx], [keeps[i] for i in idx])
-            batch = adapter._masked_batch(X, mask, [prompts[i] for i in idx], [targets[i] for i in idx])
+            batch = adapter._masked_batch(X, mask, [prompts[i] for i in idx], [targets[i] for i in idx],
+                                          side=_side_of(sides, idx))
             hidden = adapter._lm(batch).last_hidden_state
             pred = batch.target_mask[:, 1:]
             h = hidden[:, :-1][pred]

@@ -40,6 +40,7 @@ class SelectionContext:
     seed: int = 0
     prompt: str | None = None  # the text prompt (with the video placeholder): FastV reads its last token
     adapter: Any = None  # the frozen MLLM adapter (FastV runs its first layers); None for X-only methods
+    side: dict | None = None  # the video's side features (encode_video_with_side), for FastV's forward
 
 
 def _stable_desc(x: Tensor) -> Tensor:

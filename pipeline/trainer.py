@@ -64,6 +64,7 @@ from pipeline.data.prompts import CAPTION_PROMPT, qa_prompt
 from pipeline.metrics import MetricsWriter, format_metrics, mean_metrics, timed
 from pipeline.policy import ScorePolicy
 from pipeline.rewards import PackedMasks, budget_shift, delta_ce, pack_masks, sample_masks, sparsity, unpack_masks
+from pipeline.mllm.base import stack_side
 from pipeline.update import (KEEP_PROB, KEPT, LR, REWARD, ROLLOUTS_PER_S, SAFE_FRAC, VERSION, VERSION_LAG, Optimizer,
                              TorchOptimizer, lr_at, ppo_update)
 
@@ -255,15 +256,17 @@ class RolloutBatch:
         )
 
 
-def encode_sample(adapter: Any, sample: Mapping[str, Any], cache: MutableMapping[Any, Tensor] | None = None) -> Tensor:
-    """``X[T', N, D]`` of a sample, from ``cache`` (keyed by sample id) when present."""
+def encode_sample(adapter: Any, sample: Mapping[str, Any], cache: MutableMapping[Any, Any] | None = None
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(X[T', N, D], side)`` of a sample (``side``: the family's per-token side features, ``{}``
+    for most), from ``cache`` (keyed by sample id) when present."""
     sid = str(sample["sample_id"])
     if cache is not None and sid in cache:
         return cache[sid]
-    X = adapter.encode_video(sample["frames"])
+    out = adapter.encode_video_with_side(sample["frames"])
     if cache is not None:
-        cache[sid] = X
-    return X
+        cache[sid] = out
+    return out
 
 
 def length_buckets(kept: Sequence[int], max_tokens: int | None = None, max_rows: int | None = None) -> list[list[int]]:
@@ -286,8 +289,8 @@ def length_buckets(kept: Sequence[int], max_tokens: int | None = None, max_rows:
 
 
 def score_packed(adapter: Any, X: Tensor, masks: Tensor, prompts: list[str], targets: list[str], *,
-                 ce_full: Tensor | None = None, max_tokens: int | None = None,
-                 max_rows: int | None = None) -> tuple[Tensor, Tensor, dict]:
+                 side: dict[str, Tensor] | None = None, ce_full: Tensor | None = None,
+                 max_tokens: int | None = None, max_rows: int | None = None) -> tuple[Tensor, Tensor, dict]:
     """Padding-aware version of the rollout's single ``adapter.score(X, [all-ones, masks])`` call.
 
     ``X[B,T',N,D]``, ``masks[B,G,M]`` bool -> ``(ce_full[B], ce[B,G], stats)`` (float32, CPU), the
@@ -299,13 +302,15 @@ def score_packed(adapter: Any, X: Tensor, masks: Tensor, prompts: list[str], tar
       visual tokens incl. padding), each bucket one ``adapter.score`` call with ``G=1`` rows, so no
       row is padded to the full length.
 
+    ``side``: the batch's side features (``[B, T', N, ...]``), sliced with ``X``.
+
     ``stats``: ``{calls, padded_visual_tokens, real_visual_tokens}``.
     """
     B, G, M = masks.shape
     calls = 0
     if ce_full is None:
         full = torch.ones(B, 1, M, dtype=torch.bool)
-        ce_full = adapter.score(X, full.to(X.device), prompts, targets).float().cpu()[:, 0]
+        ce_full = adapter.score(X, full.to(X.device), prompts, targets, side=side).float().cpu()[:, 0]
         calls += 1
     flat = masks.reshape(B * G, M)
     kept = flat.sum(1).tolist()
@@ -314,8 +319,9 @@ def score_packed(adapter: Any, X: Tensor, masks: Tensor, prompts: list[str], tar
     for rows in length_buckets(kept, max_tokens, max_rows):
         idx = torch.tensor(rows, dtype=torch.long)
         sample = idx // G
+        rows_side = {k: v[sample.to(v.device)] for k, v in (side or {}).items()}
         ce = adapter.score(X[sample.to(X.device)], flat[idx].unsqueeze(1).to(X.device),
-                           [prompts[int(s)] for s in sample], [targets[int(s)] for s in sample])
+                           [prompts[int(s)] for s in sample], [targets[int(s)] for s in sample], side=rows_side)
         out[idx] = ce.float().cpu()[:, 0]
         padded += len(rows) * max(kept[i] for i in rows)
         calls += 1
@@ -346,12 +352,14 @@ def rollout(
     ``X``."""
     if not samples:
         raise ValueError("rollout: no samples")
-    Xs = [encode_sample(adapter, s, cache) for s in samples]
+    encoded = [encode_sample(adapter, s, cache) for s in samples]
+    Xs = [x for x, _ in encoded]
     shapes = {tuple(x.shape) for x in Xs}
     if len(shapes) > 1:
         ids = [str(s["sample_id"]) for s in samples]
         raise ValueError(f"rollout: samples {ids} have different token shapes {sorted(shapes)}; batch equal lengths")
     X = torch.stack(Xs)  # [B, T', N, D]
+    side = stack_side([s for _, s in encoded])  # {} unless the family has side features (DeepStack)
     B, T, N, _ = X.shape
     _, gh, gw = adapter.visual_grid(T)  # (gh, gw) do not depend on the frame count
     pt = [select_target(s, seed, stage_cfg.resample_qa) for s in samples]
@@ -373,7 +381,7 @@ def rollout(
     cached = None
     if cache is not None and all(k in cache for k in keys):
         cached = torch.stack([cache[k] for k in keys])
-    ce_full, ce, _ = score_packed(adapter, X, masks, prompts, targets, ce_full=cached,
+    ce_full, ce, _ = score_packed(adapter, X, masks, prompts, targets, side=side, ce_full=cached,
                                   max_tokens=stage_cfg.score_max_tokens or None)
     if cache is not None:
         cache.update(zip(keys, ce_full.unbind(0)))

@@ -118,34 +118,45 @@ def test_visionzip_keeps_dominant_tokens():
 
 
 @pytest.mark.unit
-def test_fastv_picks_the_tokens_the_attention_favours(tiny_mllm):
-    adapter = tiny_mllm("llava_onevision")
-    frames = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
-    X = adapter.encode_video(frames)
+@pytest.mark.parametrize("kind", ["llava_onevision", "qwen3_vl"])
+def test_fastv_picks_the_tokens_the_attention_favours(tiny_mllm, kind):
+    """FastV's attention equals a plain eager forward of the whole language model (Qwen3-VL: with
+    its DeepStack features, which the selection context carries)."""
+    adapter = tiny_mllm(kind)
+    h, w = adapter.frame_size
+    frames = np.random.default_rng(0).integers(0, 256, (4, h, w, 3), dtype=np.uint8)
+    X, side = adapter.encode_video_with_side(frames)
     t, n = X.shape[:2]
+    grid = (t, *adapter.visual_grid(4)[1:])
     prompt = qa_prompt("what color is the circle")
     # reference: a plain eager forward of the whole language model with output_attentions
-    batch = adapter.masked_batch(X[None], torch.ones(1, 1, t * n, dtype=torch.bool), [prompt])
+    batch = adapter.masked_batch(X[None], torch.ones(1, 1, t * n, dtype=torch.bool), [prompt],
+                                 side={k: v[None] for k, v in side.items()})
     lm = adapter.language_model
     lm.config._attn_implementation = "eager"
     try:
         with torch.no_grad():
             att = lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids, output_attentions=True).attentions
+                     position_ids=batch.position_ids, output_attentions=True, **adapter._lm_kwargs(batch)).attentions
     finally:
         lm.config._attn_implementation = "sdpa"
     slot = adapter._template(prompt, None, t, n).slot
     vis = torch.nonzero((slot >= 0) & (slot < t * n)).squeeze(1)
     for layer in (0, 1):
         want = att[layer][0, :, -1].mean(0)[vis]
-        got = last_token_attention(adapter, X, prompt, layer)
+        got = last_token_attention(adapter, X, prompt, layer, side)
         assert torch.allclose(got, want, atol=1e-6)
         k = 5
-        sel = make_fastv(adapter, layer)(X, k, SelectionContext(grid=(t, 2, 2), prompt=prompt))
+        sel = make_fastv(adapter, layer)(X, k, SelectionContext(grid=grid, prompt=prompt, side=side))
         assert torch.equal(sel, torch.topk(want, k).indices.sort().values)
     assert lm.config._attn_implementation == "sdpa"  # restored
     with pytest.raises(ValueError, match="prompt"):
-        make_fastv(adapter)(X, 3, SelectionContext(grid=(t, 2, 2)))
+        make_fastv(adapter)(X, 3, SelectionContext(grid=grid))
+    if side:  # DeepStack changes what the second layer attends with: the features are not optional
+        assert not torch.allclose(last_token_attention(adapter, X, prompt, 1, {k: v * 0 for k, v in side.items()}),
+                                  last_token_attention(adapter, X, prompt, 1, side), atol=1e-6)
+        with pytest.raises(ValueError, match="DeepStack side features"):
+            last_token_attention(adapter, X, prompt, 1)
 
 
 @pytest.mark.unit

@@ -71,11 +71,11 @@ class ScriptedAdapter:
     def visual_grid(self, t: int) -> tuple[int, int, int]:
         return (t, 2, 2)
 
-    def generate(self, X, keep, prompt, max_new_tokens=16):
+    def generate(self, X, keep, prompt, max_new_tokens=16, side=None):
         self.generate_calls.append((X, keep.clone(), prompt, max_new_tokens))
         return self.texts[prompt]
 
-    def option_logprobs(self, X, keep, prompt, options):
+    def option_logprobs(self, X, keep, prompt, options, side=None):
         self.option_calls.append((X, keep.clone(), prompt, list(options)))
         return torch.tensor(self.scores[prompt], dtype=torch.float32)
 

@@ -103,40 +103,42 @@ def test_messages_render_to_the_prompt_evaluate_scores(tiny_mllm, tmp_path):
         render_prompt(adapter, message_parts([{"role": "user", "content": [{"type": "image", "url": frames[0]}]}]))
     with pytest.raises(ValueError, match="document 'x' has no video"):
         utils.doc_to_messages({"id": "x", "question": "q"})
-    # a tokenizer with a chat template: each turn's parts joined by a newline, generation prompt added
-    import copy
-
-    tok = copy.deepcopy(adapter.tokenizer)
-    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
-                         "{% if add_generation_prompt %}[assistant]{% endif %}")
-    chat = SimpleNamespace(video_placeholder="<video>", tokenizer=tok)
+    # a checkpoint with a chat template: the conversation, each turn's parts joined by a newline,
+    # for the adapter to render (as training does); plain: one text, the parts joined by a space
     turns = message_parts([{"role": "system", "content": "be brief"}] + utils.doc_to_messages(doc))
-    assert render_prompt(chat, turns)[0] == ("[system] be brief [user] <video>\nquestion : what color is the circle ? "
-                                             "answer : [assistant]")
-    assert render_prompt(chat, turns, chat_template="none")[0] == "be brief " + qa_prompt(doc["question"])
+    chat = SimpleNamespace(video_placeholder="<video>", chat=SimpleNamespace(plain=False))
+    assert render_prompt(chat, turns)[0] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "<video>\nquestion : what color is the circle ? answer :"}]
+    plain = SimpleNamespace(video_placeholder="<video>", chat=SimpleNamespace(plain=True))
+    assert render_prompt(plain, turns)[0] == "be brief " + qa_prompt(doc["question"])
+    with pytest.raises(BadRequest, match="role 'tool'"):
+        render_prompt(chat, [("tool", [("text", "x")])] + turns)
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("kind", ["llava_onevision", "qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("kind", ["llava_onevision", "qwen2_vl", "idefics3", "qwen3_vl", "qwen3_5", "internvl"])
 def test_batched_decoding_and_scoring_equal_the_adapter_row_by_row(tiny_mllm, kind):
     """Rows with different kept tokens (so different lengths: real padding) and prompts, decoded
-    together, give each row's own ``adapter.generate``; scored together, its ``option_logprobs``."""
+    together, give each row's own ``adapter.generate``; scored together, its ``option_logprobs``
+    (Qwen3-VL: with each row's DeepStack features; Qwen3.5: its linear-attention cache)."""
     adapter = tiny_mllm(kind)
     h, w = adapter.frame_size
     rng = np.random.default_rng(0)
-    Xs = [adapter.encode_video(rng.integers(0, 256, (4, h, w, 3), dtype=np.uint8)) for _ in range(4)]
+    enc = [adapter.encode_video_with_side(rng.integers(0, 256, (4, h, w, 3), dtype=np.uint8)) for _ in range(4)]
+    Xs, sides = [x for x, _ in enc], [s for _, s in enc]
     M = Xs[0].shape[0] * Xs[0].shape[1]
     keeps = [torch.arange(M), torch.arange(0, M, 2), torch.tensor([1, M - 1]), torch.randperm(M)[: M // 3].sort().values]
     prompts = [qa_prompt("what color is the circle ?"), qa_prompt("which object appears first"),
                "<video> describe the video .", qa_prompt("what shape is it")]
-    got = generate_batch(adapter, Xs, keeps, prompts, max_new_tokens=6)
-    assert got == [adapter.generate(x, k, p, max_new_tokens=6) for x, k, p in zip(Xs, keeps, prompts)]
+    got = generate_batch(adapter, Xs, keeps, prompts, max_new_tokens=6, sides=sides)
+    assert got == [adapter.generate(x, k, p, max_new_tokens=6, side=s) for x, k, p, s in zip(Xs, keeps, prompts, sides)]
     assert all(got)  # something was generated
     first = got[0].split()[0]
-    assert generate_batch(adapter, Xs[:1], keeps[:1], prompts[:1], 6, until=[first])[0] == ""  # cut at a stop string
+    assert generate_batch(adapter, Xs[:1], keeps[:1], prompts[:1], 6, until=[first], sides=sides[:1])[0] == ""
     options = ["red", "blue green", "circle", "left"]
-    scored = loglikelihood_batch(adapter, Xs, keeps, prompts, options)
-    ref = [float(adapter.option_logprobs(x, k, p, [o])[0]) for x, k, p, o in zip(Xs, keeps, prompts, options)]
+    scored = loglikelihood_batch(adapter, Xs, keeps, prompts, options, sides=sides)
+    ref = [float(adapter.option_logprobs(x, k, p, [o], side=s)[0]) for x, k, p, o, s in zip(Xs, keeps, prompts, options, sides)]
     assert np.allclose([s[0] for s in scored], ref, atol=1e-4) and all(isinstance(s[1], bool) for s in scored)
 
 

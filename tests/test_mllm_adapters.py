@@ -33,6 +33,11 @@ def make_frames(t: int, h: int = 20, w: int = 24, seed: int = 0) -> torch.Tensor
     return torch.randint(0, 256, (t, h, w, 3), generator=g, dtype=torch.uint8)
 
 
+def stack_side(sides: list[dict]) -> dict:
+    """Per-video side features (``encode_video_with_side``) stacked into a batch's (``{}`` for most families)."""
+    return {k: torch.stack([s[k] for s in sides]) for k in sides[0]} if sides and sides[0] else {}
+
+
 def builtin_inputs(a: MLLMAdapter, kind: str, frames: torch.Tensor, prompt: str, target: str | None) -> tuple[dict, int, torch.Tensor]:
     """Processor-free inputs for the model's own forward: ``(kwargs, n_target_tokens,
     positions of X's tokens in input_ids)``."""
@@ -87,11 +92,11 @@ def test_word_tokenizer_roundtrip(tmp_path):
 def test_full_keep_equals_builtin_forward(tiny_mllm, kind):
     a = tiny_mllm(kind)
     frames = make_frames(5)  # odd: a family with temporal patches pads like its processor
-    X = a.encode_video(frames)
+    X, side = a.encode_video_with_side(frames)  # side: per-token features some families need (DeepStack)
     t, gh, gw = a.visual_grid(frames.shape[0])
     assert X.shape == (t, gh * gw, 32) and not X.is_inference() and not X.requires_grad
     keep = torch.ones(1, 1, X.shape[0] * X.shape[1], dtype=torch.bool)
-    ce = a.score(X[None], keep, [PROMPT], [TARGET])
+    ce = a.score(X[None], keep, [PROMPT], [TARGET], side=stack_side([side]))
 
     kw, nt, _ = builtin_inputs(a, kind, frames, PROMPT, TARGET)
     labels = kw["input_ids"].clone()
@@ -105,7 +110,7 @@ def test_full_keep_equals_builtin_forward(tiny_mllm, kind):
     kw, _, _ = builtin_inputs(a, kind, frames, PROMPT, None)
     with torch.no_grad():
         ref = a.model(**kw).logits[0, -1]
-    pre = a.prefill(X, torch.arange(X.shape[0] * X.shape[1]), PROMPT)
+    pre = a.prefill(X, torch.arange(X.shape[0] * X.shape[1]), PROMPT, side=side)
     assert pre.cache_length == pre.full_length == kw["input_ids"].shape[1]
     torch.testing.assert_close(pre.logits, ref.float(), atol=ATOL, rtol=0)
 
@@ -115,12 +120,12 @@ def test_full_keep_equals_builtin_forward(tiny_mllm, kind):
 def test_full_keep_generate_equals_builtin_generate(tiny_mllm, kind):
     a = tiny_mllm(kind)
     frames = make_frames(4)
-    X = a.encode_video(frames)
-    ours = a.generate_ids(X, torch.arange(X.shape[0] * X.shape[1]), PROMPT, max_new_tokens=6)
+    X, side = a.encode_video_with_side(frames)
+    ours = a.generate_ids(X, torch.arange(X.shape[0] * X.shape[1]), PROMPT, max_new_tokens=6, side=side)
     kw, _, _ = builtin_inputs(a, kind, frames, PROMPT, None)
     L = kw["input_ids"].shape[1]
     with torch.no_grad():
-        ref = a.model.generate(**kw, max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, L:].tolist()
+        ref = a.model.generate(**kw, max_new_tokens=6, do_sample=False)[0, L:].tolist()
     n = len(ours)
     assert ours == ref[:n]
 
@@ -129,7 +134,8 @@ def test_full_keep_generate_equals_builtin_generate(tiny_mllm, kind):
 @pytest.mark.unit
 def test_batched_masks_equal_single_masks(tiny_mllm, kind):
     a = tiny_mllm(kind)
-    X = torch.stack([a.encode_video(make_frames(4, seed=s)) for s in (1, 2)])
+    enc = [a.encode_video_with_side(make_frames(4, seed=s)) for s in (1, 2)]
+    X, side = torch.stack([x for x, _ in enc]), stack_side([s for _, s in enc])
     tn = X.shape[1] * X.shape[2]
     g = torch.Generator().manual_seed(3)
     keep = torch.rand(2, 4, tn, generator=g) < 0.5
@@ -137,14 +143,15 @@ def test_batched_masks_equal_single_masks(tiny_mllm, kind):
     keep[:, :, 0] = True  # never empty
     prompts = [PROMPT, "which shape <video> moves left ?"]
     targets = [TARGET, "a blue square moves left"]
-    ce = a.score(X, keep, prompts, targets)
+    ce = a.score(X, keep, prompts, targets, side=side)
     assert ce.shape == (2, 4)
     for b in range(2):
         for j in range(4):
-            one = a.score(X[b : b + 1], keep[b : b + 1, j : j + 1], prompts[b : b + 1], targets[b : b + 1])
+            one_side = {k: v[b : b + 1] for k, v in side.items()}
+            one = a.score(X[b : b + 1], keep[b : b + 1, j : j + 1], prompts[b : b + 1], targets[b : b + 1], side=one_side)
             assert abs(float(one) - float(ce[b, j])) < ATOL, (b, j)
     # the padded batch the LM sees has one row per (sample, mask)
-    batch = a.masked_batch(X, keep, prompts, targets)
+    batch = a.masked_batch(X, keep, prompts, targets, side=side)
     assert batch.inputs_embeds.shape[0] == 8
     assert torch.equal(batch.attention_mask.sum(1), batch.lengths)
 
@@ -153,23 +160,24 @@ def test_batched_masks_equal_single_masks(tiny_mllm, kind):
 @pytest.mark.unit
 def test_option_logprobs_batched(tiny_mllm, kind):
     a = tiny_mllm(kind)
-    X = a.encode_video(make_frames(4))
+    X, side = a.encode_video_with_side(make_frames(4))
     tn = X.shape[0] * X.shape[1]
     keep_index = torch.arange(0, tn, 3)
     options = ["red", "blue square", "a green cross moves"]
-    lp = a.option_logprobs(X, keep_index, PROMPT, options)
+    lp = a.option_logprobs(X, keep_index, PROMPT, options, side=side)
     keep = torch.zeros(1, 1, tn, dtype=torch.bool)
     keep[0, 0, keep_index] = True
     for i, o in enumerate(options):
         n = len(a.tokenizer(o, add_special_tokens=False)["input_ids"])
-        ce = a.score(X[None], keep, [PROMPT], [o])
+        ce = a.score(X[None], keep, [PROMPT], [o], side=stack_side([side]))
         assert abs(float(lp[i]) + n * float(ce)) < 1e-4
 
 
-def own_lm_inputs(a: MLLMAdapter, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def own_lm_inputs(a: MLLMAdapter, kw: dict, seen: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs_embeds, position_ids)`` that the model's own forward hands its language model:
-    the built-in merge of the built-in visual features and the model's own positions."""
-    seen: dict = {}
+    the built-in merge of the built-in visual features and the model's own positions (``seen``,
+    if given, receives every keyword argument of that call, e.g. DeepStack's)."""
+    seen = {} if seen is None else seen
 
     def grab(module, args, kwargs):
         seen.update(kwargs)
@@ -193,7 +201,9 @@ def reference_pruned_greedy(a: MLLMAdapter, kind: str, frames, keep_index, promp
     Returns the token ids and the first step's logits."""
     kw, _, x_positions = builtin_inputs(a, kind, frames, prompt, None)
     model = a.model
-    emb, pos = own_lm_inputs(a, kw)
+    seen: dict = {}
+    emb, pos = own_lm_inputs(a, kw, seen)
+    deepstack = seen.get("deepstack_visual_embeds")  # Qwen3-VL: per-level features of the visual positions
     with torch.no_grad():
         nxt = int(pos.max()) + 1  # the next token follows the FULL sequence's positions
         keep_full = torch.ones(emb.shape[1], dtype=torch.bool)
@@ -201,10 +211,20 @@ def reference_pruned_greedy(a: MLLMAdapter, kind: str, frames, keep_index, promp
         keep_full[x_positions[keep_index]] = True  # always-kept extras (LLaVA-OV's newline) stay
         emb = emb[:, keep_full]
         pos = pos[..., keep_full]
+        if deepstack is not None:  # the model's own DeepStack features of exactly the kept visual positions
+            vis_mask = seen["visual_pos_masks"]
+            deepstack = [d[keep_full[vis_mask[0]]] for d in deepstack]
+            vis_mask = vis_mask[:, keep_full]
         out, first = [], None
         for _ in range(steps):
             L = emb.shape[1]
-            logits = model(inputs_embeds=emb, position_ids=pos, attention_mask=torch.ones(1, L, dtype=torch.long)).logits
+            am = torch.ones(1, L, dtype=torch.long)
+            if deepstack is None:
+                logits = model(inputs_embeds=emb, position_ids=pos, attention_mask=am).logits
+            else:  # the model's forward cannot take DeepStack inputs with inputs_embeds: its own LM + head
+                ds = dict(visual_pos_masks=vis_mask, deepstack_visual_embeds=deepstack)
+                logits = a.lm_head(a.language_model(inputs_embeds=emb, position_ids=pos, attention_mask=am, **ds).last_hidden_state)
+                vis_mask = torch.cat([vis_mask, torch.zeros_like(vis_mask[:, :1])], dim=1)
             first = logits[0, -1].float() if first is None else first
             tok = int(logits[0, -1].argmax())
             out.append(tok)
@@ -220,16 +240,16 @@ def reference_pruned_greedy(a: MLLMAdapter, kind: str, frames, keep_index, promp
 def test_pruned_generate_matches_reference(tiny_mllm, kind):
     a = tiny_mllm(kind)
     frames = make_frames(4, seed=5)
-    X = a.encode_video(frames)
+    X, side = a.encode_video_with_side(frames)
     tn = X.shape[0] * X.shape[1]
     keep_index = torch.tensor(sorted({0, 2, 3, tn // 2, tn - 1}))
-    ours = a.generate_ids(X, keep_index, PROMPT, max_new_tokens=5)
+    ours = a.generate_ids(X, keep_index, PROMPT, max_new_tokens=5, side=side)
     ref, first_logits = reference_pruned_greedy(a, kind, frames, keep_index, PROMPT, 5)
     assert ours == ref[: len(ours)]
-    pre = a.prefill(X, keep_index, PROMPT)
+    pre = a.prefill(X, keep_index, PROMPT, side=side)
     assert pre.cache_length == pre.full_length - (tn - len(keep_index))
     torch.testing.assert_close(pre.logits, first_logits, atol=ATOL, rtol=0)
-    text = a.generate(X, keep_index, PROMPT, max_new_tokens=5)
+    text = a.generate(X, keep_index, PROMPT, max_new_tokens=5, side=side)
     assert isinstance(text, str)
 
 
@@ -385,6 +405,42 @@ def test_discovery_imports_every_family_module():
 
 
 @pytest.mark.unit
+def test_stage_checks_the_model_before_any_ray_work(tiny_mllm, tmp_path):
+    """``check_model_dir`` (run first by ``run_stage``): an unsupported class, a config the family
+    cannot serve (Qwen3-VL's DeepStack layers) and a frame count that is not a multiple of the
+    temporal patch are one-line errors, before a Ray cluster is touched."""
+    from actors.stage import run_stage
+    from pipeline.mllm.loader import check_model_dir
+
+    a = tiny_mllm("qwen3_vl")
+    d = tmp_path / "qwen3"
+    a.model.save_pretrained(d)
+    a.tokenizer.save_pretrained(d)
+    ok = load_config(None, [f"mllm.path={d}", "data.video_frames=4", "data.pseudo_repeat=2"])
+    check_model_dir(ok)
+    for key, value in (("data.video_frames", 5), ("data.pseudo_repeat", 3)):
+        cfg = load_config(None, [f"mllm.path={d}", "data.video_frames=4", "data.pseudo_repeat=2", f"{key}={value}"])
+        with pytest.raises(ConfigError, match=rf"^{key}={value}: .* merges every 2 frames into one token step; use a multiple of 2$"):
+            check_model_dir(cfg)
+        with pytest.raises(ConfigError, match=rf"^{key}={value}"):
+            run_stage(cfg, "pseudo_video", log=None)
+    config = json.loads((d / "config.json").read_text())
+    config["vision_config"]["deepstack_visual_indexes"] = [0, 7]
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"deepstack_visual_indexes=\[0, 7\] points past the vision tower's 2 layers"):
+        check_model_dir(ok)
+    (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="not a supported multimodal LLM: config.json has model_type='bert'"):
+        check_model_dir(ok)
+    # the project's own score-tiny (LLaVA-OneVision, no temporal patch) takes any count
+    a = tiny_mllm("llava_onevision")
+    d = tmp_path / "llava"
+    a.model.save_pretrained(d)
+    a.tokenizer.save_pretrained(d)
+    check_model_dir(load_config(None, [f"mllm.path={d}", "data.video_frames=5", "data.pseudo_repeat=3"]))
+
+
+@pytest.mark.unit
 def test_unknown_kind_is_one_config_line():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["mllm.kind=qwen9_vl"])
@@ -419,14 +475,17 @@ def test_every_family_loads_from_a_checkpoint_dir(tiny_mllm, kind, tmp_path):
     assert inspect_model_dir(tmp_path / "m") == (kind, src.model.config.model_type)
     fam = registry.family(kind)
     frames = make_frames(4)
-    X = src.encode_video(frames)
+    X, side = src.encode_video_with_side(frames)
+    side = stack_side([side])
     keep = torch.ones(1, 1, X.shape[0] * X.shape[1], dtype=torch.bool)
     keep[0, 0, 1::2] = False
     for k in ("auto", kind):
         a = load_mllm(MLLMConfig(path=str(tmp_path / "m"), kind=k), device="cpu", **fam.tiny_adapter_kwargs)
         assert type(a) is fam.adapter
         torch.testing.assert_close(a.encode_video(frames), X, atol=ATOL, rtol=0)
-        torch.testing.assert_close(a.score(X[None], keep, [PROMPT], [TARGET]), src.score(X[None], keep, [PROMPT], [TARGET]), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            a.score(X[None], keep, [PROMPT], [TARGET], side=side), src.score(X[None], keep, [PROMPT], [TARGET], side=side), atol=ATOL, rtol=0
+        )
 
 
 # ---------------------------------------------------------------- side features and LM kwargs hooks

@@ -1,7 +1,8 @@
-"""One Ray stage and its evaluation with the Qwen2.5-VL adapter, on a tiny random Qwen2.5-VL.
+"""One Ray stage and its evaluation with the Qwen2.5-VL and the Qwen3-VL adapters, on tiny random models.
 
-The model (the family's tiny builder, ``pipeline.mllm.registry.family("qwen2_5_vl")``: patch 4,
-spatial merge 2, temporal patch 2, out width 32) is saved with ``save_pretrained`` plus a
+Each model (the family's tiny builder, ``pipeline.mllm.registry.family(kind)``: patch 4, spatial
+merge 2, temporal patch 2, out width 32; Qwen3-VL with DeepStack features, which the rollouts,
+the scoring and the evaluation carry with the kept tokens) is saved with ``save_pretrained`` plus a
 ``preprocessor_config.json`` fixing 16x16 frames (2x2 tokens per step), so the rollout actors and
 the evaluation job load it from disk through ``load_mllm`` like a real checkpoint. Qwen merges
 every 2 frames into one token step: the 4-frame clips become ``T' = 2`` steps of 4 tokens. Two
@@ -29,17 +30,18 @@ STEPS, FRAMES, SIZE = 2, 4, 16
 T_PRIME = FRAMES // 2  # Qwen's temporal merge (temporal_patch_size 2)
 
 
-@pytest.fixture(scope="module")
-def qwen_assets(tmp_path_factory):
-    """``root/world`` (8 images, 2 held-out videos), ``root/qwen`` (tiny Qwen2.5-VL in
-    save_pretrained layout) and ``root/cfg.yaml``."""
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def qwen_assets(request, tmp_path_factory):
+    """``root/world`` (8 images, 2 held-out videos), ``root/qwen`` (the tiny model of the family
+    ``request.param`` in save_pretrained layout) and ``root/cfg.yaml``."""
     from pipeline.data.world import generate_world
     from pipeline.mllm.registry import family
 
-    root = tmp_path_factory.mktemp("qwen-stage")
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"{kind}-stage")
     generate_world(WorldConfig(images=8, videos=2, heldout_videos=2, frames=FRAMES, size=32, grid=2, object_size=0.25,
                                jitter=0, max_objects=2), root / "world", progress=False)
-    model, tok = family("qwen2_5_vl").build_tiny()
+    model, tok = family(kind).build_tiny()
     model.save_pretrained(root / "qwen")
     tok.save_pretrained(root / "qwen")
     (root / "qwen" / "preprocessor_config.json").write_text(json.dumps({"size": {"height": SIZE, "width": SIZE}}))
@@ -48,7 +50,7 @@ def qwen_assets(tmp_path_factory):
         "run": {"name": "qwen", "storage": str(root / "runs"), "seed": 0, "call_timeout_s": 60},
         "data": {"image_shards": str(root / "world" / "images"), "video_shards": str(root / "world" / "videos"),
                  "frame_size": SIZE, "pseudo_images": 2, "pseudo_repeat": 2, "video_frames": FRAMES, "batch_size": 2},
-        "mllm": {"path": str(root / "qwen"), "kind": "qwen2_5_vl"},
+        "mllm": {"path": str(root / "qwen"), "kind": kind},
         "policy": {"hidden": 32, "layers": 1, "heads": 2},
         "stage": {"pseudo_video": stage, "real_video": stage},
         "rollout": {"min_actors": 1, "max_actors": 1, "num_cpus": 0.5, "max_staleness": 2},
@@ -67,7 +69,7 @@ def _evaluate_job():
     return mod
 
 
-def test_qwen25_vl_stage_and_evaluation(ray_cluster, qwen_assets, tmp_path, monkeypatch, capsys):
+def test_qwen_stage_and_evaluation(ray_cluster, qwen_assets, tmp_path, monkeypatch, capsys):
     from actors.stage import run_stage
     from pipeline.policy import ScorePolicy
 

@@ -10,8 +10,9 @@ An adapter wraps a Hugging Face multimodal ``...ForConditionalGeneration`` model
 * ``prefill`` / ``generate`` with a sorted keep index, and ``option_logprobs`` for
   multiple-choice answers (one batch over the options).
 
-How a masked sequence is built (the same for every class): the prompt's single ``<video>``
-placeholder is expanded into the model's own visual token layout (a *template*); each template
+How a masked sequence is built (the same for every class): the prompt (a user turn, or a whole
+conversation) and the target (the assistant's answer) are rendered with the checkpoint's own chat
+template, or the plain one (``pipeline/mllm/chat.py``); the single ``<video>`` placeholder is expanded into the model's own visual token layout (a *template*); each template
 position is text (always kept), a visual token ``j`` of ``X`` (kept where the mask says so) or
 an always-kept extra. Input embeddings are the token embeddings with the visual features
 written into their slots (what the models do with ``masked_scatter``); then the kept positions
@@ -45,7 +46,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-VIDEO_PLACEHOLDER = "<video>"
+from pipeline.mllm.chat import VIDEO_PLACEHOLDER, chat_format, conversation
+
+#: a prompt: a user turn's text holding ``<video>`` once, or a conversation (pipeline/mllm/chat.py)
+Prompt = str | Sequence[Any]
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
@@ -136,6 +140,8 @@ class MLLMAdapter(ABC):
     """A frozen multimodal LLM seen through the project's interface (module docstring)."""
 
     video_placeholder: str = VIDEO_PLACEHOLDER
+    #: what the checkpoint's chat template writes for a video item; ``_video_layout`` replaces it
+    chat_video_text: str = VIDEO_PLACEHOLDER
     #: position-id rows: 1 (1-D RoPE) or 3 (M-RoPE)
     position_dims: int = 1
     #: longest video accepted by encode_video (frames); None = no limit
@@ -150,9 +156,11 @@ class MLLMAdapter(ABC):
         *,
         processor_dir: str | Path | None = None,
         compact_positions: bool = False,
+        chat_template: str = "auto",
     ) -> None:
         self.model = freeze(model)
         self.tokenizer = tokenizer
+        self.chat = chat_format(tokenizer, processor_dir, self.chat_video_text, chat_template)
         self.compact_positions = bool(compact_positions)
         first = next(model.parameters())
         self.device = first.device
@@ -166,6 +174,11 @@ class MLLMAdapter(ABC):
         self._memo: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ per-class hooks
+    @classmethod
+    def check_config(cls, config: dict) -> None:
+        """A ValueError naming what this family cannot serve in a checkpoint's ``config.json``
+        (read before any model is built; the adapter's constructor checks the same). Default: nothing."""
+
     @property
     @abstractmethod
     def language_model(self) -> torch.nn.Module:
@@ -316,21 +329,11 @@ class MLLMAdapter(ABC):
         return ids
 
     def _tokenize(self, text: str, bos: bool) -> list[int]:
-        if not text:
+        """Token ids of ``text``; ``bos``: with the tokenizer's special tokens (an empty text then
+        gives what the tokenizer puts before any text, e.g. ``[<bos>]``)."""
+        if not text and not bos:
             return []
         return list(self.tokenizer(text, add_special_tokens=bos)["input_ids"])
-
-    def split_prompt(self, prompt: str) -> tuple[str, str]:
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        n = prompt.count(self.video_placeholder)
-        if n != 1:
-            raise ValueError(
-                f"prompt must contain the video placeholder {self.video_placeholder!r} exactly once, "
-                f"found {n} in {prompt[:80]!r}"
-            )
-        before, after = prompt.split(self.video_placeholder)
-        return before, after
 
     def _memoised(self, key: tuple, make: Any) -> Any:
         if key not in self._memo:
@@ -339,34 +342,43 @@ class MLLMAdapter(ABC):
             self._memo[key] = make()
         return self._memo[key]
 
-    def _template(self, prompt: str, target: str | None, t: int, n: int) -> _Template:
-        return self._memoised(("template", prompt, target, t, n), lambda: self._make_template(prompt, target, t, n))
+    def _template(self, prompt: Prompt, target: str | None, t: int, n: int) -> _Template:
+        return self._memoised(("template", _key(prompt), target, t, n), lambda: self._make_template(prompt, target, t, n))
 
-    def _make_template(self, prompt: str, target: str | None, t: int, n: int) -> _Template:
-        before, after = self.split_prompt(prompt)
-        pre = self._tokenize(before, bos=True) if before else self._bos_only()
-        vid_ids, vid_slots = self._video_layout(t, n)
-        post = self._tokenize(after, bos=False)
-        tgt: list[int] = []
-        if target is not None:
-            if not isinstance(target, str):
-                raise TypeError(f"target must be a str, got {type(target).__name__}")
-            tgt = self._tokenize(target, bos=False)
-            if not tgt:
-                raise ValueError(f"target {target!r} tokenizes to no tokens (nothing to score)")
-        ids = pre + vid_ids + post + tgt
-        slot = [_TEXT] * len(pre) + vid_slots + [_TEXT] * (len(post) + len(tgt))
-        is_tgt = [False] * (len(ids) - len(tgt)) + [True] * len(tgt)
+    def _make_template(self, prompt: Prompt, target: str | None, t: int, n: int) -> _Template:
+        """Token ids, slots and target flags of a conversation (:mod:`pipeline.mllm.chat`): its
+        pieces tokenized one by one, the placeholder replaced by :meth:`_video_layout`. A
+        conversation that ends in a user turn gets the assistant's generation header."""
+        conv = conversation(prompt, target)
+        pieces = self.chat.segments(conv, generation=conv[-1][0] != "assistant")
+        ids: list[int] = []
+        slot: list[int] = []
+        is_tgt: list[bool] = []
+
+        def add(tokens: list[int], slots: list[int] | None = None, target: bool = False) -> None:
+            ids.extend(tokens)
+            slot.extend([_TEXT] * len(tokens) if slots is None else slots)
+            is_tgt.extend([target] * len(tokens))
+
+        for k, (text, target_piece) in enumerate(pieces):
+            bos = k == 0 and self.chat.adds_bos
+            if target_piece:
+                tokens = self._tokenize(text, bos)
+                if not tokens:
+                    raise ValueError(f"target {text!r} tokenizes to no tokens (nothing to score)")
+                add(tokens, target=True)
+            elif VIDEO_PLACEHOLDER in text:
+                before, after = text.split(VIDEO_PLACEHOLDER)
+                add(self._tokenize(before, bos))
+                add(*self._video_layout(t, n))
+                add(self._tokenize(after, False))
+            else:
+                add(self._tokenize(text, bos))
         return _Template(
             torch.tensor(ids, dtype=torch.long),
             torch.tensor(slot, dtype=torch.long),
             torch.tensor(is_tgt, dtype=torch.bool),
         )
-
-    def _bos_only(self) -> list[int]:
-        """What the tokenizer puts before an empty text with special tokens (e.g. ``[<bos>]``)."""
-        ids = self.tokenizer("", add_special_tokens=True)["input_ids"]
-        return list(ids)
 
     # ------------------------------------------------------------------ masked batches
     def _check_X(self, X: torch.Tensor, batched: bool) -> torch.Tensor:
@@ -526,7 +538,7 @@ class MLLMAdapter(ABC):
         return keep
 
     def masked_batch(
-        self, X: torch.Tensor, keep: torch.Tensor, prompts: list[str], targets: list[str] | None = None, *, side: dict | None = None
+        self, X: torch.Tensor, keep: torch.Tensor, prompts: Sequence[Prompt], targets: list[str] | None = None, *, side: dict | None = None
     ) -> MaskedBatch:
         """The ``B*G``-row padded batch that :meth:`score` feeds to the language model
         (row ``b*G + g`` is sample ``b`` under mask ``g``)."""
@@ -554,7 +566,7 @@ class MLLMAdapter(ABC):
         return self._build(vis, templates, unit_sample, row_unit, keep.reshape(B * G, T * N), grid, side)
 
     def score(
-        self, X: torch.Tensor, keep: torch.Tensor, prompts: list[str], targets: list[str], *, side: dict | None = None
+        self, X: torch.Tensor, keep: torch.Tensor, prompts: Sequence[Prompt], targets: list[str], *, side: dict | None = None
     ) -> torch.Tensor:
         """Mean NLL of each target under each mask: ``X[B,T',N,D]``, ``keep[B,G,T'*N]`` (bool),
         ``B`` prompts (each with one ``<video>``) and targets -> ``[B, G]`` float32.
@@ -567,7 +579,7 @@ class MLLMAdapter(ABC):
         return ce.clone()
 
     def target_ce(
-        self, X: torch.Tensor, keep: torch.Tensor, prompts: list[str], targets: list[str], *, side: dict | None = None
+        self, X: torch.Tensor, keep: torch.Tensor, prompts: Sequence[Prompt], targets: list[str], *, side: dict | None = None
     ) -> torch.Tensor:
         """:meth:`score` without inference mode, so gradients flow: pre-training the project's
         own reference model goes through the same masked path that scores rollouts."""
@@ -593,7 +605,7 @@ class MLLMAdapter(ABC):
         return mask
 
     def _single(
-        self, X: torch.Tensor, keep_index: torch.Tensor, prompts_targets: list[tuple[str, str | None]], side: dict | None = None
+        self, X: torch.Tensor, keep_index: torch.Tensor, prompts_targets: list[tuple[Prompt, str | None]], side: dict | None = None
     ) -> MaskedBatch:
         X = self._check_X(X, batched=False)
         T, N, _ = X.shape
@@ -611,7 +623,7 @@ class MLLMAdapter(ABC):
         shape = (1, 1) if self.position_dims == 1 else (self.position_dims, 1, 1)
         return torch.full(shape, nxt, dtype=torch.long, device=self.device)
 
-    def prefill(self, X: torch.Tensor, keep_index: torch.Tensor, prompt: str, *, side: dict | None = None) -> PrefillOutput:
+    def prefill(self, X: torch.Tensor, keep_index: torch.Tensor, prompt: Prompt, *, side: dict | None = None) -> PrefillOutput:
         """Run the prompt with only ``keep_index`` (sorted flat indices into ``T'*N``) visual
         tokens; returns the last position's logits and the cache for decoding. ``side``: the
         side features of :meth:`encode_video_with_side` (here and in the methods below)."""
@@ -633,26 +645,26 @@ class MLLMAdapter(ABC):
         out = PrefillOutput(logits, cache, self._next_position(batch, full), L, full_len)
         return out, batch
 
-    def _full_position_max(self, X: torch.Tensor, prompt: str) -> int:
+    def _full_position_max(self, X: torch.Tensor, prompt: Prompt) -> int:
         """Largest position id of the full (unpruned) prompt sequence."""
         T, N = int(X.shape[0]), int(X.shape[1])
-        return self._memoised(("position_max", prompt, T, N), lambda: self._position_max(prompt, T, N))
+        return self._memoised(("position_max", _key(prompt), T, N), lambda: self._position_max(prompt, T, N))
 
-    def _position_max(self, prompt: str, T: int, N: int) -> int:
+    def _position_max(self, prompt: Prompt, T: int, N: int) -> int:
         t = self._template(prompt, None, T, N)
         ids, slot = t.ids.unsqueeze(0).to(self.device), t.slot.unsqueeze(0).to(self.device)
         grid = (T, *self.visual_grid(self._frames_for(T))[1:])
         return int(self._full_positions(ids, slot, torch.ones_like(ids, dtype=torch.bool), grid).max())
 
     def generate(
-        self, X: torch.Tensor, keep_index: torch.Tensor, prompt: str, max_new_tokens: int = 16, *, side: dict | None = None
+        self, X: torch.Tensor, keep_index: torch.Tensor, prompt: Prompt, max_new_tokens: int = 16, *, side: dict | None = None
     ) -> str:
         """Greedy decoding after a pruned prefill; stops at EOS. Returns the decoded text."""
         ids = self.generate_ids(X, keep_index, prompt, max_new_tokens, side=side)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def generate_ids(
-        self, X: torch.Tensor, keep_index: torch.Tensor, prompt: str, max_new_tokens: int = 16, *, side: dict | None = None
+        self, X: torch.Tensor, keep_index: torch.Tensor, prompt: Prompt, max_new_tokens: int = 16, *, side: dict | None = None
     ) -> list[int]:
         """Greedy token ids (EOS included when reached)."""
         if max_new_tokens < 1:
@@ -678,7 +690,7 @@ class MLLMAdapter(ABC):
         return out
 
     def option_logprobs(
-        self, X: torch.Tensor, keep_index: torch.Tensor, prompt: str, options: list[str], *, side: dict | None = None
+        self, X: torch.Tensor, keep_index: torch.Tensor, prompt: Prompt, options: list[str], *, side: dict | None = None
     ) -> torch.Tensor:
         """Sum log-probability of each option as the answer after ``prompt`` (one padded batch
         over the options, same kept tokens) -> ``[len(options)]`` float32."""
@@ -694,6 +706,19 @@ class MLLMAdapter(ABC):
         return f"{type(self).__name__}(model={type(self.model).__name__}, dtype={self.dtype}, device={self.device})"
 
 
+def stack_side(sides: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The side features of several videos (:meth:`MLLMAdapter.encode_video_with_side`) stacked
+    into one batch ``{name: [B, T', N, ...]}`` (``{}`` when the family has none)."""
+    if not sides or not sides[0]:
+        return {}
+    return {k: torch.stack([s[k] for s in sides]) for k in sides[0]}
+
+
+def _key(prompt: Prompt) -> str | tuple:
+    """A hashable memo key of a prompt (a conversation's normalized form)."""
+    return prompt if isinstance(prompt, str) else conversation(prompt)
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -704,5 +729,6 @@ __all__ = [
     "MaskedBatch",
     "VIDEO_PLACEHOLDER",
     "processor_settings",
+    "stack_side",
     "freeze",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import MLLMConfig, S3Config
+from pipeline.config import Config, ConfigError, MLLMConfig, S3Config
 from pipeline.mllm import registry
 from pipeline.mllm.base import MLLMAdapter
 
@@ -37,10 +37,7 @@ def inspect_model_dir(path: str | Path) -> tuple[str, str]:
             f"{str(d)!r} is not a model directory in save_pretrained layout: no config.json "
             f"(found: {found or 'nothing'})"
         )
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise ValueError(f"{str(cfg_file)!r} is not valid JSON: {e}") from e
+    cfg = _read_config(cfg_file)
     model_type = cfg.get("model_type")
     fam = registry.for_model_type(model_type)
     if fam is None:
@@ -50,6 +47,37 @@ def inspect_model_dir(path: str | Path) -> tuple[str, str]:
             f"{f', architectures={arch}' if arch else ''}; supported model types: {registry.model_types()}"
         )
     return fam.kind, model_type
+
+
+def check_model_dir(cfg: Config) -> None:
+    """What a stage can check of a local MLLM before any Ray work (``s3://`` models are checked
+    when an actor loads them), each a one-line error: the class is supported
+    (:func:`inspect_model_dir`), the family accepts its config (``adapter.check_config``, e.g.
+    Qwen3-VL's DeepStack layers), and every frame count the stage streams is a multiple of the
+    temporal patch (``vision_config.temporal_patch_size``, 2 for the Qwen families: their
+    processor would repeat the last frame to fill a step, a pseudo-video step would mix two
+    images, and the Qwen3 timestamps of the padded step would not be the processor's)."""
+    from pipeline import storage
+
+    if storage.is_s3(cfg.mllm.path):
+        return
+    kind, _ = inspect_model_dir(cfg.mllm.path)
+    config = _read_config(Path(cfg.mllm.path) / "config.json")
+    registry.family(kind).adapter.check_config(config)
+    vision = config.get("vision_config") or {}
+    tp = int(vision.get("temporal_patch_size") or 1)
+    counts = {"data.video_frames": cfg.data.video_frames, "data.pseudo_repeat": cfg.data.pseudo_repeat}
+    for name, n in counts.items():
+        if n % tp:
+            raise ConfigError(f"{name}={n}: {cfg.mllm.path} merges every {tp} frames into one token step; "
+                              f"use a multiple of {tp}")
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
 
 
 def _weights_present(d: Path) -> bool:
@@ -106,6 +134,7 @@ def load_mllm(
         tokenizer,
         processor_dir=local,
         compact_positions=cfg.compact_positions,
+        chat_template=cfg.chat_template,
         **adapter_kwargs,
     )
 

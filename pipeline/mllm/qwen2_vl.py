@@ -118,6 +118,7 @@ class Qwen2VLAdapter(MLLMAdapter):
     """Qwen2-VL; also the base of :class:`Qwen25VLAdapter`."""
 
     position_dims = 3
+    chat_video_text = "<|video_pad|>"  # the processor replaces only the pad; the template writes the markers
 
     def __init__(self, model, tokenizer, *, frame_size: tuple[int, int] | None = None, fps: float = 2.0, **kwargs) -> None:
         super().__init__(model, tokenizer, **kwargs)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 # modules of pipeline.mllm that hold no family (skipped by discovery; reference.py is also slow to import)
-_SHARED = frozenset({"base", "loader", "registry", "tokenizer", "reference", "smollm2"})
+_SHARED = frozenset({"base", "chat", "loader", "registry", "tokenizer", "reference", "smollm2"})
 
 #: vocabulary of the tiny test models' word-level tokenizer
 TINY_WORDS = (
