@@ -182,7 +182,7 @@ def test_frame_size_the_grid_cannot_take_is_one_value_error(tiny_mllm, tmp_path)
     a = tiny_mllm(KIND)
     model, tok = a.model, a.tokenizer
     for bad in [(20, 24), (16, 12), (0, 16)]:
-        with pytest.raises(ValueError, match=rf"frame_size {bad[0]}x{bad[1]} must be positive multiples of patch_size\*spatial_merge_size = 4\*2 = 8"):
+        with pytest.raises(ValueError, match=rf"frame_size {bad[0]}x{bad[1]} must be positive multiples of patch_size\*merge_size = 8"):
             adapter_for(model, tok, frame_size=bad)
     # the processor config's size is the default, checked the same way
     (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"size": {"height": 24, "width": 32}}))

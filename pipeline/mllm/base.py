@@ -180,9 +180,10 @@ class MLLMAdapter(ABC):
         (read before any model is built; the adapter's constructor checks the same). Default: nothing."""
 
     @property
-    @abstractmethod
     def language_model(self) -> torch.nn.Module:
-        """The decoder stack (no LM head) that takes ``inputs_embeds``."""
+        """The decoder stack (no LM head) that takes ``inputs_embeds`` (where most
+        ``...ForConditionalGeneration`` classes keep it)."""
+        return self.model.model.language_model
 
     @property
     def lm_head(self) -> torch.nn.Module:

@@ -129,10 +129,6 @@ class InternVLAdapter(MLLMAdapter):
         return int(i)
 
     @property
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
     def frame_size(self) -> tuple[int, int]:
         return (self._image_size, self._image_size)
 

@@ -119,10 +119,6 @@ class LlavaOnevisionAdapter(MLLMAdapter):
         self._vision_type = getattr(vc, "model_type", "")
 
     @property
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
     def frame_size(self) -> tuple[int, int]:
         return (self._image_size, self._image_size)
 

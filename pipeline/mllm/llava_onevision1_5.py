@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.mllm.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, MLLMAdapter
-from pipeline.mllm.qwen2_vl import smart_resize
+from pipeline.mllm.base import MLLMAdapter
+from pipeline.mllm.qwen2_vl import Qwen2VLAdapter
 from pipeline.mllm.registry import register, tiny_text_config, tiny_tokenizer
 
 
@@ -77,69 +77,15 @@ def _processor_inputs(adapter: LlavaOnevision15Adapter, pixels: torch.Tensor, be
     processor_inputs=_processor_inputs,
     tiny_adapter_kwargs={"frame_size": (16, 24)},
 )
-class LlavaOnevision15Adapter(MLLMAdapter):
+class LlavaOnevision15Adapter(Qwen2VLAdapter):
+    """Qwen2-VL's video path (frame size, patchify, merger output, ``<|video_pad|>`` layout) with
+    temporal patch 1 and 1-D positions (module docstring)."""
+
     position_dims = 1
+    _full_positions = MLLMAdapter._full_positions  # 1-D: the full sequence's 0..L-1, sliced
     #: what the (Qwen2-VL style) chat template writes for a video that the processor replaces
     chat_video_text = VIDEO_PAD
 
-    def __init__(self, model, tokenizer, *, frame_size: tuple[int, int] | None = None, **kwargs) -> None:
+    def __init__(self, model, tokenizer, **kwargs) -> None:
         super().__init__(model, tokenizer, **kwargs)
-        cfg = model.config
-        vc = cfg.vision_config
-        self.video_token_id = int(cfg.video_token_id)
-        self.patch = int(vc.patch_size)
-        self.merge = int(vc.spatial_merge_size)
-        factor = self.patch * self.merge
-        h, w = frame_size if frame_size is not None else self._default_frame_size(factor)
-        h, w = int(h), int(w)
-        if h <= 0 or w <= 0 or h % factor or w % factor:
-            raise ValueError(
-                f"frame_size {h}x{w} must be positive multiples of patch_size*spatial_merge_size = "
-                f"{self.patch}*{self.merge} = {factor} (the grid of merged patches)"
-            )
-        self._frame_size = (h, w)
-
-    def _default_frame_size(self, factor: int) -> tuple[int, int]:
-        size = self.processor.get("size") or {}
-        if "height" in size and "width" in size:
-            return int(size["height"]), int(size["width"])
-        min_pixels = int(size.get("shortest_edge", self.processor.get("min_pixels", 56 * 56)))
-        max_pixels = int(size.get("longest_edge", self.processor.get("max_pixels", 28 * 28 * 1280)))
-        return smart_resize(16 * factor, 16 * factor, factor, min_pixels, max_pixels)
-
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def frame_size(self) -> tuple[int, int]:
-        return self._frame_size
-
-    @property
-    def image_mean_std(self):
-        return self._mean_std(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-
-    def visual_grid(self, num_frames: int) -> tuple[int, int, int]:
-        h, w = self._frame_size
-        f = self.patch * self.merge
-        return (int(num_frames), h // f, w // f)
-
-    def patchify(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized frames ``[T, 3, H, W]`` -> (``pixel_values_videos [T*h*w, 3*p*p]``,
-        ``video_grid_thw [[T, h, w]]``): the Qwen2-VL video processor's layout with temporal
-        patch 1, rows in ``(t, h/m, w/m, m, m)`` order, each flattened as ``(channel, py, px)``."""
-        T, C, H, W = pixels.shape
-        p, m = self.patch, self.merge
-        gh, gw = H // p, W // p
-        x = pixels.reshape(T, C, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
-        flat = x.reshape(T * gh * gw, C * p * p)
-        return flat, torch.tensor([[T, gh, gw]], dtype=torch.long, device=pixels.device)
-
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        flat, grid = self.patchify(pixels)
-        out = self.model.model.get_video_features(pixel_values_videos=flat, video_grid_thw=grid, return_dict=True)
-        t, gh, gw = self.visual_grid(pixels.shape[0])
-        return out.pooler_output[0].reshape(t, gh * gw, -1)
-
-    def _video_layout(self, t: int, n: int) -> tuple[list[int], list[int]]:
-        return [self.video_token_id] * (t * n), list(range(t * n))
+        self.temporal_patch = 1  # whatever a processor config says: the tower takes one frame per patch

@@ -127,7 +127,7 @@ class Qwen2VLAdapter(MLLMAdapter):
         self.video_token_id = int(cfg.video_token_id)
         self.patch = int(vc.patch_size)
         self.merge = int(vc.spatial_merge_size)
-        self.temporal_patch = int(vc.temporal_patch_size)
+        self.temporal_patch = int(getattr(vc, "temporal_patch_size", 1))  # towers without temporal patches: 1
         self.fps = float(fps)
         factor = self.patch * self.merge
         if frame_size is None:
@@ -144,10 +144,6 @@ class Qwen2VLAdapter(MLLMAdapter):
         min_pixels = int(size.get("shortest_edge", self.processor.get("min_pixels", 56 * 56)))
         max_pixels = int(size.get("longest_edge", self.processor.get("max_pixels", 28 * 28 * 1280)))
         return smart_resize(16 * factor, 16 * factor, factor, min_pixels, max_pixels)
-
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
 
     @property
     def frame_size(self) -> tuple[int, int]:
