@@ -17,13 +17,21 @@ Training samples (pseudo and real video) share one schema::
 
     sample_id   str        stable: "pv:<id1>+<id2>+..." | "vid:<id>"
     kind        str        "pseudo_video" | "video"
-    frames      uint8      [T,S,S,3]   (T = k*F for pseudo videos, data.video_frames for videos)
+    frames      uint8      [T,S,S,3]   (T = k*F for pseudo videos; for videos data.video_frames, or with
+                                        data.sampling: fps the clip's own count, so T varies)
     caption     str        the target text (pseudo: captions joined in order, see join_captions)
     qa          str        JSON list of {question, answer, options, ...} ("[]" for pseudo videos)
     objects     str        JSON object annotations (pseudo: one entry per segment)
     segments    list[int]  frame index where each source image starts ([0] for videos)
     source_ids  list[str]  source image ids / the video id
     source      str        shard / annotation file the sample came from
+
+Formats (``data.format``, :mod:`pipeline.data.sources`, docs/data.md): stage 1's task unit is a
+parquet or tar shard, or ``data.index_rows`` LLaVA image records indexed on the driver; stage 2
+reads LLaVA video records by their indexed byte spans, ``batch_size`` per task as the native
+jsonl index, and WebDataset tars one task per shard. Samples of those formats add a
+``conversation`` column (JSON messages, "" when none), the target :func:`pipeline.trainer.select_target`
+then uses.
 
 Order is deterministic: shards sorted by path, ``preserve_order`` set on the dataset's context.
 Resume: pass the consumed ``sample_id``s as ``skip_ids``; the stream yields exactly the rest in the
@@ -44,7 +52,7 @@ import ray
 import ray.data
 
 from pipeline.config import Config, DataConfig
-from pipeline.data import readers
+from pipeline.data import readers, sources
 from pipeline.data.pseudo_video import group_consecutive, make_pseudo_video, shard_order
 from actors.quarantine import QuarantineLog
 from pipeline.data.quarantine import BadSample, QuarantineRecord, format_counts
@@ -81,10 +89,11 @@ def _finish(ds: ray.data.Dataset, log: QuarantineLog, name: str) -> ray.data.Dat
     return ds
 
 
-def _shard_items(paths: list[str], epochs: int | None = None) -> ray.data.Dataset:
-    """One row (one task) per shard, or per (epoch, shard) with an ``epoch`` column, epoch-major."""
-    items = [{"path": p, "shard_index": i, **({} if e is None else {"epoch": e})}
-             for e in _passes(epochs) for i, p in enumerate(paths)]
+def _shard_items(units: list[dict], epochs: int | None = None) -> ray.data.Dataset:
+    """One row (one task) per unit (:func:`pipeline.data.sources.image_units`: a shard, or a run
+    of indexed LLaVA records), or per (epoch, unit) with an ``epoch`` column, epoch-major."""
+    items = [{**u, "shard_index": i, **({} if e is None else {"epoch": e})}
+             for e in _passes(epochs) for i, u in enumerate(units)]
     return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
 
 
@@ -97,8 +106,8 @@ def _to_batch(rows: list[dict], columns: Iterable[str]) -> dict[str, np.ndarray]
     out: dict[str, np.ndarray] = {}
     for c in columns:
         vals = [r[c] for r in rows]
-        if isinstance(vals[0], np.ndarray):
-            out[c] = np.stack(vals)
+        if isinstance(vals[0], np.ndarray) and len({v.shape for v in vals}) == 1:
+            out[c] = np.stack(vals)  # (videos of different frame counts: an object array, ragged in Ray Data)
         else:
             arr = np.empty(len(vals), dtype=object)
             arr[:] = vals
@@ -128,12 +137,22 @@ class _Emitter:
             yield batch
 
 
-def _read_shard_rows(path: str, dcfg: DataConfig, kind: str, em: _Emitter) -> list[dict]:
-    """All rows (encoded) of a shard that could be read; an unreadable shard or tail is quarantined."""
+def _unit(batch, j: int) -> dict:
+    """Row ``j`` of a batch of unit items, as a dict (``path`` and what its format needs)."""
+    return {c: batch[c][j] for c in batch}
+
+
+def _read_shard_rows(unit: dict, fmt: str, dcfg: DataConfig, kind: str, em: _Emitter) -> list[dict]:
+    """All rows (encoded) of a unit that could be read; an unreadable shard or tail is quarantined,
+    and so is each record its format rejects on its own (``BadSample`` rows, with ``.id``)."""
     rows: list[dict] = []
+    path = str(unit["path"])
     try:
-        for row in readers.iter_image_shard(path, dcfg.s3):
-            rows.append(row)
+        for row in sources.iter_unit_rows(unit, fmt, dcfg):
+            if isinstance(row, BadSample):
+                em.bad.append(QuarantineRecord.from_error(row, id=getattr(row, "id", ""), source=path, kind=kind))
+            else:
+                rows.append(row)
     except BadSample as e:
         em.bad.append(QuarantineRecord.from_error(e, id=os.path.basename(path), source=path, kind=kind))
     except Exception as e:  # noqa: BLE001
@@ -148,7 +167,7 @@ def _good_images(rows: Iterable[dict], path: str, dcfg: DataConfig, kind: str, e
         if skip and (rid in skip or IMAGE_PREFIX + rid in skip):
             continue
         try:
-            yield readers.load_image(row, dcfg.frame_size, dcfg.max_caption_words)
+            yield readers.load_image(row, dcfg.frame_size, dcfg.max_caption_words, dcfg.s3)
         except BadSample as e:
             em.bad.append(QuarantineRecord.from_error(e, id=rid, source=path, kind=kind))
         except Exception as e:  # noqa: BLE001
@@ -161,11 +180,11 @@ def _good_images(rows: Iterable[dict], path: str, dcfg: DataConfig, kind: str, e
 _IMAGE_COLUMNS = ("sample_id", "kind", "id", "image", "caption", "objects", "source")
 
 
-def _image_shards_fn(batch, *, dcfg: DataConfig, skip: frozenset[str], log: QuarantineLog):
-    for path in batch["path"]:
+def _image_shards_fn(batch, *, dcfg: DataConfig, fmt: str, skip: frozenset[str], log: QuarantineLog):
+    for j, path in enumerate(batch["path"]):
         path = str(path)
         em = _Emitter(log, dcfg.batch_size, _IMAGE_COLUMNS)
-        rows = _read_shard_rows(path, dcfg, "image", em)
+        rows = _read_shard_rows(_unit(batch, j), fmt, dcfg, "image", em)
         for img in _good_images(rows, path, dcfg, "image", em, skip):
             row = {"sample_id": IMAGE_PREFIX + img["id"], "kind": "image", "source": path, **img}
             row["objects"] = row["objects"] or ""
@@ -178,8 +197,8 @@ def _epoch_of(batch, i: int) -> int | None:
     return int(batch["epoch"][i]) if "epoch" in batch else None
 
 
-def _pseudo_shards_fn(batch, *, dcfg: DataConfig, seed: int | None, skips: dict[int | None, frozenset[str]],
-                      log: QuarantineLog):
+def _pseudo_shards_fn(batch, *, dcfg: DataConfig, fmt: str, seed: int | None,
+                      skips: dict[int | None, frozenset[str]], log: QuarantineLog):
     kind = "pseudo_video"
     for j, path in enumerate(batch["path"]):
         path = str(path)
@@ -187,8 +206,9 @@ def _pseudo_shards_fn(batch, *, dcfg: DataConfig, seed: int | None, skips: dict[
         skip = skips.get(epoch, frozenset())
         shard_seed = seed if seed is None or epoch is None else seed + epoch  # each epoch regroups
         em = _Emitter(log, dcfg.batch_size, SAMPLE_COLUMNS + (() if epoch is None else ("epoch",)))
-        rows = _read_shard_rows(path, dcfg, kind, em)
-        order = shard_order(len(rows), shard_seed, os.path.basename(path))
+        unit = _unit(batch, j)
+        rows = _read_shard_rows(unit, fmt, dcfg, kind, em)
+        order = shard_order(len(rows), shard_seed, sources.unit_key(unit))
         good = list(_good_images((rows[i] for i in order), path, dcfg, kind, em))
         if 0 < len(good) < dcfg.pseudo_images:  # not enough for one clip: count, never lose silently
             em.bad.extend(QuarantineRecord(id=g["id"], source=path, reason="too_few_images", stage="synthesize",
@@ -210,6 +230,9 @@ def _pseudo_shards_fn(batch, *, dcfg: DataConfig, seed: int | None, skips: dict[
 
 
 def _videos_fn(batch, *, dcfg: DataConfig, log: QuarantineLog):
+    from pipeline.data.video import FrameSampling
+
+    sampling = FrameSampling.from_config(dcfg)  # data.frame_multiple: resolved by the stage driver
     kind = "video"
     em = _Emitter(log, dcfg.batch_size, SAMPLE_COLUMNS + (("epoch",) if "epoch" in batch else ()))
     for i in range(len(batch["id"])):
@@ -220,7 +243,7 @@ def _videos_fn(batch, *, dcfg: DataConfig, log: QuarantineLog):
         }
         source = str(batch["source"][i])
         try:
-            v = readers.load_video(rec, dcfg.video_frames, dcfg.frame_size, dcfg.max_caption_words, dcfg.s3)
+            v = readers.load_video(rec, sampling, dcfg.frame_size, dcfg.max_caption_words, dcfg.s3, dcfg.decoder)
         except BadSample as e:
             em.bad.append(QuarantineRecord.from_error(e, id=rec["id"], source=rec["video"], kind=kind))
             continue
@@ -235,15 +258,87 @@ def _videos_fn(batch, *, dcfg: DataConfig, log: QuarantineLog):
     yield from em.flush()
 
 
+_CONV_COLUMNS = SAMPLE_COLUMNS + ("conversation",)
+
+
+def _emit_video(em: _Emitter, rec: dict | BadSample, dcfg: DataConfig, sampling: Any, source: str,
+                epoch: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """Decode one llava/webdataset video record and add its sample (with its ``conversation``
+    column, "" when it has none), or quarantine it."""
+    kind = "video"
+    if isinstance(rec, BadSample):
+        em.bad.append(QuarantineRecord.from_error(rec, id=getattr(rec, "id", ""), source=source, kind=kind))
+        return
+    try:
+        v = readers.load_video(rec, sampling, dcfg.frame_size, dcfg.max_caption_words, dcfg.s3, dcfg.decoder)
+    except BadSample as e:
+        em.bad.append(QuarantineRecord.from_error(e, id=rec["id"], source=rec["video"], kind=kind))
+        return
+    except Exception as e:  # noqa: BLE001
+        em.bad.append(QuarantineRecord.unexpected(e, id=rec["id"], source=rec["video"], kind=kind, stage="decode"))
+        return
+    yield from em.add({
+        "sample_id": VIDEO_PREFIX + v["id"], "kind": kind, "frames": v["frames"], "caption": v["caption"],
+        "qa": v["qa"], "objects": v["objects"], "segments": [0], "source_ids": [v["id"]], "source": source,
+        "conversation": rec.get("conversation") or "", "epoch": epoch,
+    })
+
+
+def _llava_videos_fn(batch, *, dcfg: DataConfig, log: QuarantineLog):
+    """A batch of indexed LLaVA video records: ranged reads of their JSON, then decode."""
+    from pipeline.data.video import FrameSampling
+
+    sampling = FrameSampling.from_config(dcfg)
+    em = _Emitter(log, dcfg.batch_size, _CONV_COLUMNS + (("epoch",) if "epoch" in batch else ()))
+    items = [_unit(batch, i) for i in range(len(batch["id"]))]
+    for i, rec in enumerate(sources.llava_video_rows(items, dcfg.s3)):
+        if isinstance(rec, BadSample):
+            rec.id = str(items[i]["id"])  # type: ignore[attr-defined]
+        yield from _emit_video(em, rec, dcfg, sampling, str(items[i]["path"]), _epoch_of(batch, i))
+    yield from em.flush()
+
+
+def _wds_videos_fn(batch, *, dcfg: DataConfig, skips: dict[int | None, frozenset[str]], log: QuarantineLog):
+    """One WebDataset tar shard per row: its samples streamed member by member, then decoded."""
+    from pipeline.data.video import FrameSampling
+
+    sampling = FrameSampling.from_config(dcfg)
+    kind = "video"
+    for j, path in enumerate(batch["path"]):
+        path = str(path)
+        epoch = _epoch_of(batch, j)
+        skip = skips.get(epoch, frozenset())
+        em = _Emitter(log, dcfg.batch_size, _CONV_COLUMNS + (() if epoch is None else ("epoch",)))
+        try:
+            for rec in sources.wds_video_rows(path, dcfg.s3):
+                rid = str(getattr(rec, "id", "")) if isinstance(rec, BadSample) else rec["id"]
+                if skip and (rid in skip or VIDEO_PREFIX + rid in skip):
+                    continue
+                yield from _emit_video(em, rec, dcfg, sampling, path, epoch)
+        except BadSample as e:
+            em.bad.append(QuarantineRecord.from_error(e, id=os.path.basename(path), source=path, kind=kind))
+        except Exception as e:  # noqa: BLE001
+            em.bad.append(QuarantineRecord.unexpected(e, id=os.path.basename(path), source=path, kind=kind, stage="read"))
+        yield from em.flush()
+
+
 # ---------------------------------------------------------------------------------------------
 # public datasets
 
 
-def _image_shard_paths(dcfg: DataConfig) -> list[str]:
-    paths = readers.list_image_shards(dcfg.image_shards, dcfg.s3)
-    if not paths:
-        raise FileNotFoundError(f"no image shards (*.parquet) under data.image_shards={dcfg.image_shards!r}")
-    return paths
+_EXPECTED = {"native": "image shards (*.parquet)", "hf_parquet": "parquet shards", "webdataset": "WebDataset shards (*.tar)",
+             "llava": "LLaVA image records (.json/.jsonl/.yaml)"}
+
+
+def _image_units(dcfg: DataConfig, log: QuarantineLog) -> tuple[list[dict], str]:
+    """Stage 1's units and format (:func:`pipeline.data.sources.image_units`); records rejected
+    while indexing LLaVA files go to ``log``."""
+    fmt = sources.format_of(dcfg, "image")
+    units, bad = sources.image_units(dcfg, fmt)
+    log.add([QuarantineRecord.from_error(e, id=i, source=src, kind="image") for i, src, e in bad])
+    if not units:
+        raise FileNotFoundError(f"no {_EXPECTED[fmt]} under data.image_shards={dcfg.image_shards!r}")
+    return units, fmt
 
 
 def image_dataset(cfg: Config | DataConfig, *, skip_ids: Iterable[str] = (),
@@ -252,9 +347,10 @@ def image_dataset(cfg: Config | DataConfig, *, skip_ids: Iterable[str] = (),
     dcfg, address = _resolve(cfg)
     ensure_ray(address)
     log = quarantine or QuarantineLog()
-    ds = _shard_items(_image_shard_paths(dcfg)).map_batches(
+    units, fmt = _image_units(dcfg, log)
+    ds = _shard_items(units).map_batches(
         _image_shards_fn, batch_size=1, batch_format="numpy",
-        fn_kwargs=dict(dcfg=dcfg, skip=frozenset(skip_ids), log=log),
+        fn_kwargs=dict(dcfg=dcfg, fmt=fmt, skip=frozenset(skip_ids), log=log),
     )
     return _finish(ds, log, "images")
 
@@ -285,9 +381,10 @@ def pseudo_video_dataset(cfg: Config | DataConfig, seed: int | None = 0, *,
     ensure_ray(address)
     log = quarantine or QuarantineLog()
     skips = _epoch_skips(epochs, skip_ids)
-    ds = _shard_items(_image_shard_paths(dcfg), epochs).map_batches(
+    units, fmt = _image_units(dcfg, log)
+    ds = _shard_items(units, epochs).map_batches(
         _pseudo_shards_fn, batch_size=1, batch_format="numpy",
-        fn_kwargs=dict(dcfg=dcfg, seed=seed, skips=skips, log=log),
+        fn_kwargs=dict(dcfg=dcfg, fmt=fmt, seed=seed, skips=skips, log=log),
     )
     return _finish(ds, log, "pseudo_video")
 
@@ -336,14 +433,37 @@ def video_dataset(cfg: Config | DataConfig, *, skip_ids: Iterable[str] | Mapping
     ensure_ray(address)
     log = quarantine or QuarantineLog()
     skips = _epoch_skips(epochs, skip_ids)
-    entries = build_video_index(dcfg, log)
+    fmt = sources.format_of(dcfg, "video")
+    if fmt == "webdataset":  # one task per tar shard: the driver never reads the clips
+        from pipeline.data import webdataset
+
+        paths = webdataset.list_shards(dcfg.video_shards, dcfg.s3)
+        if not paths:
+            raise FileNotFoundError(f"no WebDataset shards (*.tar) under data.video_shards={dcfg.video_shards!r}")
+        ds = _shard_items([{"path": p} for p in paths], epochs).map_batches(
+            _wds_videos_fn, batch_size=1, batch_format="numpy", fn_kwargs=dict(dcfg=dcfg, skips=skips, log=log))
+        return _finish(ds, log, "video")
+    entries = build_video_index(dcfg, log) if fmt == "native" else _llava_video_index(dcfg, log)
     index = [ent if e is None else {**ent, "epoch": e} for e in _passes(epochs) for ent in entries
              if not {ent["id"], VIDEO_PREFIX + ent["id"]} & skips.get(e, frozenset())]
     per_block = dcfg.batch_size
     ds = ray.data.from_items(index, override_num_blocks=max(1, math.ceil(len(index) / per_block)))
-    ds = ds.map_batches(_videos_fn, batch_size=per_block, batch_format="numpy",
-                        fn_kwargs=dict(dcfg=dcfg, log=log))
+    ds = ds.map_batches(_videos_fn if fmt == "native" else _llava_videos_fn, batch_size=per_block,
+                        batch_format="numpy", fn_kwargs=dict(dcfg=dcfg, log=log))
     return _finish(ds, log, "video")
+
+
+def _llava_video_index(dcfg: DataConfig, log: QuarantineLog) -> list[dict]:
+    """Driver side: the byte spans of every LLaVA video record (:mod:`pipeline.data.llava`: each
+    file is scanned once here, and tasks read back only their records); bad records go to ``log``."""
+    from pipeline.data import llava
+
+    idx = llava.build_index(dcfg.video_shards, "video", dcfg.s3, dcfg.video_folder)
+    log.add([QuarantineRecord.from_error(e, id=i, source=src, kind="video") for i, src, e in idx.bad])
+    if not idx.entries:
+        raise FileNotFoundError(f"no LLaVA video records under data.video_shards={dcfg.video_shards!r} "
+                                f"({idx.other_kind} image records: those feed stage 1; {len(idx.bad)} quarantined)")
+    return idx.entries
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from pipeline.config import Config
 
 # learner metric names (TensorBoard tags) in addition to pipeline.update's
 DROPPED_STALE = "rollout/dropped_stale"  # cumulative records dropped for staleness
-DROPPED_SHAPE = "rollout/dropped_shape"  # cumulative records dropped: shape differs from the batch's
+DROPPED_SHAPE = "rollout/dropped_shape"  # cumulative records dropped: token grid, width, G or dtype differs from the batch's
 RETRIES = "rollout/retries"  # rollout batches retried after an actor died (cumulative)
 QUARANTINED = "data/quarantined"  # samples quarantined so far
 RECORDS = "rollout/records"  # records used this step
@@ -55,11 +55,13 @@ def filter_stale(records: Sequence[Mapping[str, Any]], current_version: int, max
 
 
 def largest_shape_group(records: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], int]:
-    """Records of the most common ``(X, mask_bits)`` shape and state dtype (one RolloutBatch needs
-    one of each) and how many others were left out."""
+    """Records of the most common token grid and width ``(N, D)``, group size ``G`` and state
+    dtype (one RolloutBatch needs one of each; samples of different ``T'`` are padded by
+    ``RolloutBatch.from_records``) and how many others were left out."""
     groups: dict[tuple, list] = {}
     for r in records:
-        groups.setdefault((np.shape(r["X"]), np.shape(r["mask_bits"]), str(r.get("x_dtype", "float32"))), []).append(r)
+        key = (np.shape(r["X"])[1:], np.shape(r["mask_bits"])[0], str(r.get("x_dtype", "float32")))
+        groups.setdefault(key, []).append(r)
     best = max(groups.values(), key=len) if groups else []
     return best, len(records) - len(best)
 
@@ -423,8 +425,10 @@ def _log_step(writer: Any, progress: Any, cfg: Config, stage: str, step: int, m:
 
     lc, last = cfg.learner, getattr(cfg.stage, stage).steps - 1
     if writer is not None and lc.image_every and step % lc.image_every == 0 and "thumb" in record:
-        writer.image(f"masks/{stage}", mask_image(record, rb.unpacked_masks()[0, 0], rb.old_logits[0],
-                                                  (int(rb.X.shape[1]), *rb.grid)), step)
+        t = rb.sample_steps()[0]  # the first sample's own T' (a padded batch's longest may be more)
+        own = t * rb.grid[0] * rb.grid[1]
+        writer.image(f"masks/{stage}", mask_image(record, rb.unpacked_masks()[0, 0, :own], rb.old_logits[0, :own],
+                                                  (t, *rb.grid)), step)
     if progress is not None and (line := progress.update(step, m, (KEPT, SAFE_FRAC, REWARD))):
         import sys  # straight to stdout: Ray Train's patched print would also log it (twice in the job log)
 

@@ -13,10 +13,10 @@ here). Each actor loads the frozen MLLM once (``load_mllm(cfg.mllm)``), and for 
 2. registers the batch with the store (a batch that a restarted actor processes again - Ray Data
    restarts a dead pool actor, ``max_restarts=-1``, and retries its batch - gets ``attempt > 1``
    and is counted as a retry);
-3. runs :func:`pipeline.trainer.rollout` on each group of equal-length samples and yields the
-   rollout records columnar (``RolloutBatch.to_records`` layout, ``X`` in ``rollout.state_dtype``:
+3. runs :func:`pipeline.trainer.rollout` on the batch (samples of different frame counts are
+   padded there and scored each at its own length) and yields the rollout records columnar (``RolloutBatch.to_records`` layout, ``X`` in ``rollout.state_dtype``:
    the MLLM's own by default, so a bf16 model ships half of float32's bytes) plus ``rollout_s``
-   (seconds the group's rollout took), ``attempt``, ``actor`` (which replica made it), ``epoch``
+   (seconds the batch's rollout took), ``attempt``, ``actor`` (which replica made it), ``epoch``
    (the data epoch the sample came from: the learner's consumed-sample ledger is kept per epoch),
    ``cache_hit_rate`` (of the actor's LRU of ``X`` and ``CE_full``, ``rollout.cache_mb``: a sample
    seen again skips the vision tower and the all-tokens scoring row), and, when
@@ -49,7 +49,8 @@ from pipeline.config import Config
 
 def records_to_columns(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Row dicts -> ``{column: array}``: stacked when every value is an array of one shape, else an
-    object array (strings, scalars)."""
+    object array (strings, scalars, and the arrays of records of different ``T'``, which Ray Data
+    keeps as a variable-shaped tensor column)."""
     out: dict[str, np.ndarray] = {}
     for c in records[0]:
         vals = [r[c] for r in records]
@@ -221,25 +222,21 @@ class RolloutWorker:
         self.wait_admission(key, len(ids))
         version = self.sync_policy()  # after the gate: the newest weights when the batch starts
         attempt = int(ray.get(self._store().begin_batch.remote(key, self.actor), timeout=self.cfg.run.call_timeout_s))
-        groups: dict[tuple, list] = {}
-        for s in samples:
-            groups.setdefault(tuple(np.shape(s["frames"])), []).append(s)
-        for group in groups.values():
-            gids = [str(s["sample_id"]) for s in group]
-            gen = step_generator(self.seed, (zlib.crc32(",".join(gids).encode()) << 20) + version)
-            t0 = time.perf_counter()
-            rb = rollout(self.adapter, self.policy, group, self.stage_cfg, gen, version, seed=self.seed,
-                         cache=self.cache, state_dtype=self.state_dtype)
-            dt = time.perf_counter() - t0
-            recs = rb.to_records()
-            hit = self.cache.hit_rate()
-            for s, r in zip(group, recs):  # same order as the group
-                r.update(rollout_s=dt, attempt=attempt, actor=self.actor, epoch=int(s.get("epoch", 0)),
-                         cache_hit_rate=hit)
-                if self.thumb_size:  # small frames for the learner's mask-overlay images
-                    r["thumb"] = np.stack([resize_rgb(f, self.thumb_size) for f in np.asarray(s["frames"])])
-            self.batches += 1
-            yield records_to_columns(recs)
+        # one rollout for the whole batch, whatever its frame counts (the rollout pads them)
+        gen = step_generator(self.seed, (zlib.crc32(",".join(ids).encode()) << 20) + version)
+        t0 = time.perf_counter()
+        rb = rollout(self.adapter, self.policy, samples, self.stage_cfg, gen, version, seed=self.seed,
+                     cache=self.cache, state_dtype=self.state_dtype)
+        dt = time.perf_counter() - t0
+        recs = rb.to_records()
+        hit = self.cache.hit_rate()
+        for s, r in zip(samples, recs):  # same order as the batch
+            r.update(rollout_s=dt, attempt=attempt, actor=self.actor, epoch=int(s.get("epoch", 0)),
+                     cache_hit_rate=hit)
+            if self.thumb_size:  # small frames for the learner's mask-overlay images
+                r["thumb"] = np.stack([resize_rgb(f, self.thumb_size) for f in np.asarray(s["frames"])])
+        self.batches += 1
+        yield records_to_columns(recs)
         self._store().end_batch.remote(key)  # fire and forget: bookkeeping only
 
 

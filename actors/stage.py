@@ -72,7 +72,12 @@ def _epoch_size(cfg: Config, stage: str) -> int:
     """Samples one pass over the shards yields (upper bound, read from metadata only)."""
     from pipeline.data import readers
 
+    from pipeline.data.sources import epoch_size
+
     d = cfg.data
+    n = epoch_size(d, stage)  # llava (its index), webdataset (tar headers), hf_parquet (metadata)
+    if n is not None:
+        return n
     if stage == "pseudo_video":
         import pyarrow.parquet as pq
 
@@ -160,9 +165,13 @@ def run_stage(cfg: Config, stage: str, *, init_policy: str | None = None, resume
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    from pipeline.mllm.loader import check_model_dir
+    from pipeline.mllm.loader import check_model_dir, resolve_frame_multiple
 
     check_model_dir(cfg)  # before any Ray work, as a bad --resume below
+    from pipeline.data.sources import check_sources
+
+    check_sources(cfg.data)  # a data mixture naming a missing file: a ConfigError, before any Ray work
+    cfg = resolve_frame_multiple(cfg)  # data.frame_multiple 0: the model's temporal patch, for the data tasks
     ref = find_checkpoint(cfg, stage, resume, log)  # before any Ray work: a bad --resume fails fast
     for k, v in DEFAULT_ENV.items():
         os.environ.setdefault(k, v)

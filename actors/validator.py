@@ -21,13 +21,16 @@ from pipeline.validation import Candidate
 @ray.remote
 class Validator:
     def __init__(self, cfg: Config):
+        from pipeline.data.video import FrameSampling
         from pipeline.evaluation import load_eval_videos
         from pipeline.mllm.loader import load_mllm
 
         self.cfg = cfg
         self.adapter = load_mllm(cfg.mllm, s3=cfg.data.s3)
         v, d = cfg.validation, cfg.data
-        self.videos = load_eval_videos(self.adapter, v.video_shards, v.videos, d.video_frames, d.frame_size,
+        # the training stream's frame sampling (fps: each video its own length, scored on its own)
+        sampling = FrameSampling.from_config(d, self.adapter._frames_for(1))
+        self.videos = load_eval_videos(self.adapter, v.video_shards, v.videos, sampling, d.frame_size,
                                        d.max_caption_words, d.s3)
 
     def num_videos(self) -> int:

@@ -1,7 +1,8 @@
 """Benchmark: prefill speedup, rollout scoring, data ingest and the Ray stage, side by side.
 
     python jobs/benchmark.py [--quick] [--out BENCHMARKS.md] [--sections prefill,scoring,...]
-        [--lms qwen2-0.5b,qwen2-7b] [--layers auto|N] [--frames 32] [--tokens-per-frame 196]
+        [--lms qwen2-0.5b,qwen2-7b] [--families qwen3-vl-8b,internvl3.5-8b] [--layers auto|N]
+        [--frames 32] [--tokens-per-frame 196] [--family-frames 32]
 
 Everything is a ratio measured in one run on one machine (absolute times depend on the machine):
 
@@ -9,7 +10,10 @@ Everything is a ratio measured in one run on one machine (absolute times depend 
    for LLaVA-OneVision-class models whose LM has the real shape of Qwen2-0.5B / Qwen2-7B (random
    weights, ``--frames`` x ``--tokens-per-frame`` visual tokens; fewer layers on a CPU, full depth on
    a GPU), next to the FLOPs-ratio limit; the compressor's own cost (policy forward + top-K) as % of
-   the full-token prefill (measured, extrapolated to full depth, and in FLOPs).
+   the full-token prefill (measured, extrapolated to full depth, and in FLOPs). ``--families``: the
+   same for Qwen3-VL-8B- and InternVL3.5-8B-shaped models built from their real ``transformers``
+   classes through the project's adapters (``--family-frames`` video frames at each family's own
+   token grid and template; Qwen3-VL's DeepStack features ride along and count in the FLOPs).
 2. ``scoring``: masked sequences/s of ``adapter.score`` (the rollout's one padded batch with the
    ``CE_full`` row) against a bare language-model forward over the same padded batch, at several keep
    ratios, and of the padding-aware path (:func:`pipeline.trainer.score_packed`, with and without a
@@ -25,6 +29,10 @@ Everything is a ratio measured in one run on one machine (absolute times depend 
 6. ``stage``: one short ``run_stage`` (Ray Data -> rollout actor pool -> DeepSpeed learner): share of
    learner step time spent waiting for rollouts, share of rollout-actor time idle, learner step time,
    weight sync per version, end-to-end rollouts/s and steps/s.
+7. ``serving`` (not by default; alone, in the serving venv: ``.venv-serve/bin/python jobs/benchmark.py
+   --sections serving --out BENCHMARKS-serving.md``): vLLM with every video token, with vLLM's EVS and
+   with the SCORE compressor at the same retention: TTFT and requests/s at concurrency 1 and 8, the
+   policy's share of TTFT (:mod:`benchmarks.serving`).
 
 Prints progress and the tables; writes them (with the exact command and the machine) to ``--out``
 (text after a ``<!-- benchmark:end -->`` line in an existing file is kept: hand-written analysis
@@ -48,6 +56,8 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("prefill", "scoring", "actors", "weight_sync", "data", "stage")
+#: runs alone, in the serving venv (.venv-serve: vLLM), never by default: benchmarks/serving.py
+SERVING = "serving"
 END_MARK = "<!-- benchmark:end -->"
 STATS_ACTOR = "score-bench-stats"
 
@@ -88,8 +98,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     """Sizes of every section (``--quick``: what the test runs, well under 2 minutes on 2 cores)."""
     q = args.quick
     s = {
-        "lms": [x for x in (args.lms or ("qwen2-0.5b" if q else "qwen2-0.5b,qwen2-7b")).split(",") if x],
+        "lms": names(args.lms, "qwen2-0.5b" if q else "qwen2-0.5b,qwen2-7b"),
+        "families": names(args.families, "" if q else "qwen3-vl-8b,internvl3.5-8b"),  # quick: its own test
         "frames": args.frames or (8 if q else 32),
+        "family_frames": args.family_frames or (2 if q else None),  # None: auto (family_frames)
         "tokens_per_frame": args.tokens_per_frame,
         "retentions": [float(r) for r in args.retentions.split(",")],
         "repeats": args.repeats or (1 if q else 3),
@@ -105,6 +117,11 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return s
 
 
+def names(arg: str | None, default: str) -> list[str]:
+    """A comma list option: ``None`` (not given) -> ``default``; ``""`` -> none."""
+    return [x for x in (default if arg is None else arg).split(",") if x]
+
+
 def layers_for(shape, device: str, arg: str) -> int:
     """``--layers auto``: full depth on a GPU; on a CPU 2 layers (1 for a 7B-wide LM, whose layer
     alone takes ~35 s at 6.3k tokens on one core). Measured ratios do not depend on depth."""
@@ -113,6 +130,22 @@ def layers_for(shape, device: str, arg: str) -> int:
     if device == "cuda":
         return shape.layers
     return 1 if shape.hidden >= 2048 else 2
+
+
+FAMILY_FRAMES = 32  # the real-family rows' video length
+CPU_VISUAL_TOKENS = 4096  # --family-frames auto on a CPU: a 1-layer 8B-wide prefill of ~4.2k tokens takes ~20 s
+
+
+def family_frames(ad, device: str, arg: int | None) -> int:
+    """``--family-frames``, or auto (``None``): 32 frames on a GPU; on a CPU 32 halved until the
+    family's own grid gives at most ``CPU_VISUAL_TOKENS`` visual tokens (Qwen3-VL-8B: 32 frames =
+    16 steps x 256; InternVL3.5-8B: 16 frames x 256, where 32 would take ~50 s per full prefill)."""
+    if arg:
+        return int(arg)
+    n = FAMILY_FRAMES
+    while device != "cuda" and n > 1 and math.prod(ad.visual_grid(n)) > CPU_VISUAL_TOKENS:
+        n //= 2
+    return n
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -207,10 +240,11 @@ def base_config(assets: dict, s: dict, work: Path, stage_steps: int | None = Non
 def bench_prefill(s: dict, device: str, layers_arg: str) -> dict[str, Any]:
     import torch
 
-    from benchmarks.shapes import LM_SHAPES, build_shaped_mllm, interleaved_times, lm_dims_of, prefill_rows
+    from benchmarks.shapes import (FAMILY_SHAPES, LM_SHAPES, FamilyShape, build_family_mllm, build_shaped_mllm,
+                                   interleaved_times, lm_dims_of, mllm_prefill_flops, prefill_rows)
     from pipeline.config import PolicyConfig
     from pipeline.data.prompts import qa_prompt
-    from pipeline.evaluation import lm_dims, prefill_flops
+    from pipeline.evaluation import lm_dims
     from pipeline.metrics import sync as device_sync
     from pipeline.select import inference_forward, topk_keep
     from pipeline.trainer import init_policy
@@ -224,25 +258,46 @@ def bench_prefill(s: dict, device: str, layers_arg: str) -> dict[str, Any]:
             raise SystemExit(f"error: --lms: unknown LM shape {name!r}; known: {sorted(LM_SHAPES)}")
         shape = LM_SHAPES[name]
         models.append((name, None, shape, PolicyConfig()))
+    for name in s["families"]:
+        if name not in FAMILY_SHAPES:
+            raise SystemExit(f"error: --families: unknown MLLM shape {name!r}; known: {sorted(FAMILY_SHAPES)}")
+        models.append((name, None, FAMILY_SHAPES[name], PolicyConfig()))
     from pipeline.mllm import reference
 
     tok = reference.build_tokenizer()
     for name, make, shape, pcfg in models:
         t0 = time.perf_counter()
+        side, frames = None, None  # side features (Qwen3-VL's DeepStack); video frames where X has T' steps
         if shape is None:
             ad = make()
             X = ad.encode_video(world_samples(1)[0]["frames"])  # [16, 16, 128]: its own grid
             full_layers = layers = lm_dims(ad)["layers"]
         else:
-            layers = layers_for(shape, device, layers_arg)
-            full_layers = shape.layers
+            lm = shape.lm if isinstance(shape, FamilyShape) else shape
+            layers = layers_for(lm, device, layers_arg)
+            full_layers = lm.layers
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            ad = build_shaped_mllm(shape, layers, tok, s["tokens_per_frame"], device=device, dtype=dtype)
             g = torch.Generator().manual_seed(0)
-            X = (torch.randn(s["frames"], s["tokens_per_frame"], shape.hidden, generator=g) * 0.5).to(device, dtype)
+
+            def rand(*size: int) -> torch.Tensor:  # stands in for the vision tower's output (not timed)
+                return (torch.randn(*size, generator=g) * 0.5).to(device, dtype)
+
+            if isinstance(shape, FamilyShape):  # the family's own grid, template and side features
+                ad = build_family_mllm(shape, layers, device=device, dtype=dtype)
+                frames = family_frames(ad, device, s["family_frames"])
+                t_steps, gh, gw = ad.visual_grid(frames)
+                X = rand(t_steps, gh * gw, lm.hidden)
+                if getattr(ad, "deepstack_levels", 0):
+                    side = {"deepstack": rand(t_steps, gh * gw, ad.deepstack_levels, lm.hidden)}
+                say(f"[prefill] {name}: {shape.note}")
+            else:
+                ad = build_shaped_mllm(shape, layers, tok, s["tokens_per_frame"], device=device, dtype=dtype)
+                X = rand(s["frames"], s["tokens_per_frame"], shape.hidden)
         T, N = int(X.shape[0]), int(X.shape[1])
         M = T * N
-        dims = lm_dims(ad)
+        levels = getattr(ad, "deepstack_levels", 0) if side else 0
+        capped = bool(frames) and not s["family_frames"] and frames < FAMILY_FRAMES
+        dims = {**lm_dims(ad), **({"deepstack_levels": levels} if levels else {})}
         L_full = int(ad._template(prompt, None, T, N).ids.numel())
         gh, gw = ad.visual_grid(T)[1:]
         policy = init_policy(ad.hidden_size, pcfg, 0).to(device).eval()
@@ -255,13 +310,15 @@ def bench_prefill(s: dict, device: str, layers_arg: str) -> dict[str, Any]:
         def compressor(forward=policy):
             return topk_keep(forward(X.float(), (gh, gw)), retention=0.1)
 
-        say(f"[prefill] {name}: {layers}/{full_layers} layers, D={ad.hidden_size}, {T}x{N}={M} visual tokens, "
-            f"L_full={L_full} (built in {time.perf_counter() - t0:.1f}s)")
+        say(f"[prefill] {name}: {layers}/{full_layers} layers, D={ad.hidden_size}, "
+            f"{f'{frames} frames -> ' if frames else ''}{T}x{N}={M} visual tokens, L_full={L_full}"
+            f"{f' ({FAMILY_FRAMES} frames capped to {frames} on a CPU, same grid per frame)' if capped else ''}"
+            f"{f', DeepStack {levels} level(s)' if levels else ''} (built in {time.perf_counter() - t0:.1f}s)")
         # warm-up: the cheapest prefill and the compressor (a full-length warm-up would double the
         # cost of the 7B shape); then round-robin rounds over the retentions
-        ad.prefill(X, keeps[min(keeps)], prompt)
+        ad.prefill(X, keeps[min(keeps)], prompt, side=side)
         compressor()
-        fns = {f"r{r}": (lambda kk=keeps[r]: ad.prefill(X, kk, prompt)) for r in sorted(keeps, reverse=True)}
+        fns = {f"r{r}": (lambda kk=keeps[r]: ad.prefill(X, kk, prompt, side=side)) for r in sorted(keeps, reverse=True)}
         fns["compressor"] = compressor
         if s["compile_policy"] and shape is None:  # score-tiny: where per-op cost dominates the policy
             compiled = inference_forward(policy, compile=True)
@@ -272,8 +329,8 @@ def bench_prefill(s: dict, device: str, layers_arg: str) -> dict[str, Any]:
         by_r = {r: times[f"r{r}"] for r in keeps}
         rows = prefill_rows(by_r, dims, L_full, M)
         t_full, t_comp = by_r[1.0], times["compressor"]
-        full_dims = dims if shape is None else lm_dims_of(shape)
-        f_full = prefill_flops(full_dims, L_full)
+        full_dims = dims if shape is None else lm_dims_of(lm, deepstack_levels=getattr(shape, "deepstack_levels", 0))
+        f_full = mllm_prefill_flops(full_dims, L_full, M)
         scale = full_layers / layers  # per-layer cost is uniform: time at full depth ~ t * scale
         t10 = by_r.get(0.1)
         res = {
@@ -288,6 +345,10 @@ def bench_prefill(s: dict, device: str, layers_arg: str) -> dict[str, Any]:
                                                          if t10 else None),
             "seconds": round(time.perf_counter() - t0, 1),
         }
+        if frames:  # a family shape: its own grid from `frames` video frames, its DeepStack levels
+            res.update(video_frames=frames, frames_capped=capped,
+                       kind=shape.kind, deepstack_levels=levels,
+                       deepstack_levels_full_depth=full_dims.get("deepstack_levels", 0), note=shape.note)
         if "compressor_compiled" in times:
             res["compressor_compiled_ms"] = round(1e3 * times["compressor_compiled"], 3)
             res["compressor_compiled_pct_measured"] = round(100 * times["compressor_compiled"] / t_full, 3)
@@ -301,7 +362,7 @@ def bench_prefill(s: dict, device: str, layers_arg: str) -> dict[str, Any]:
         if "compressor_compiled_ms" in res:
             say(f"[prefill] {name} compressor through torch.compile {res['compressor_compiled_ms']:.2f} ms = "
                 f"{res['compressor_compiled_pct_measured']:.2f}% of the prefill")
-        del ad, policy, X
+        del ad, policy, X, side
     return out
 
 
@@ -726,6 +787,12 @@ def bench_stage(s: dict, cfg) -> dict[str, Any]:
 
 def headline(res: dict) -> dict[str, Any]:
     h: dict[str, Any] = {}
+    for r in (res.get(SERVING) or {}).get("rows", []):
+        if r["mode"] != "none":
+            h[f"serving_ttft_speedup/{r['mode']}/c{r['concurrency']}"] = r["ttft_speedup"]
+            h[f"serving_req_s_ratio/{r['mode']}/c{r['concurrency']}"] = r["req_s_ratio"]
+    if res.get(SERVING):
+        h["serving_policy_share_of_ttft"] = res[SERVING]["policy_share_of_ttft"]
     for name, m in (res.get("prefill") or {}).items():
         for r in m["rows"]:
             if r["retention"] in (0.1, 0.05):
@@ -759,7 +826,8 @@ def headline(res: dict) -> dict[str, Any]:
 
 
 def markdown(res: dict, command: str, s: dict) -> str:
-    from benchmarks.shapes import fmt, md_table
+    if any(res.get(k) for k in SECTIONS):  # (not for the serving section alone: .venv-serve lacks pipeline.evaluation's deps)
+        from benchmarks.shapes import fmt, md_table
 
     m = res["machine"]
     L = [
@@ -779,15 +847,24 @@ def markdown(res: dict, command: str, s: dict) -> str:
         L += ["## 1. Prefill speedup vs retention", "",
               f"Measured: median {s['clock_name']} of the adapter's pruned prefill (kept tokens = top-K of the compressor's "
               "logits, original positions) vs all tokens. Limit: `1 / FLOPs ratio` "
-              "(`pipeline.evaluation.prefill_flops`; independent of depth). Efficiency = measured / limit.", ""]
+              "(`pipeline.evaluation.prefill_flops`, plus Qwen3-VL's DeepStack adds: `benchmarks.shapes.mllm_prefill_flops`; "
+              "independent of depth). Efficiency = measured / limit.", ""]
         hdr = ["model (layers run / full)", "retention", "K", "length", "prefill ms", "speedup", "FLOPs limit", "efficiency"]
         rows = []
         for name, p in res["prefill"].items():
+            frames = f", {p['video_frames']} frames" if "video_frames" in p else ""
             for r in p["rows"]:
-                rows.append([f"{name} ({p['layers']}/{p['full_layers']}, {p['frames']}x{p['tokens_per_frame']})",
+                rows.append([f"{name} ({p['layers']}/{p['full_layers']}, {p['frames']}x{p['tokens_per_frame']}{frames})",
                              f"{r['retention']:.0%}", r["k"], r["length"], fmt(r["prefill_ms"], ".1f"),
                              fmt(r["speedup"], ".2f"), fmt(r["flops_limit"], ".2f"), fmt(r["efficiency"], ".2f")])
         L += [md_table(hdr, rows), ""]
+        L += [f"{name}: {p['note']}. `T'xN` visual tokens from {p['video_frames']} frames"
+              + (f" (of the real {FAMILY_FRAMES}: `--family-frames` auto caps a CPU run at {CPU_VISUAL_TOKENS} visual "
+                 "tokens; same per-frame grid)" if p.get("frames_capped") else "")
+              + "; the length includes the family's per-step/per-frame text"
+              + (f"; DeepStack levels run: {p['deepstack_levels']} of {p['deepstack_levels_full_depth']} (level l is added "
+                 f"after layer l), counted in the FLOPs" if p["deepstack_levels_full_depth"] else "") + ".\n"
+              for name, p in res["prefill"].items() if "video_frames" in p]
         L += ["Compressor (policy forward + top-K at 10%) as a share of the full-token prefill:", ""]
         rows = [[name, f"{p['policy']['hidden']} x {p['policy']['layers']}", fmt(p["compressor_ms"], ".1f"),
                  f"{p['compressor_pct_measured']:.2f}%", f"{p['compressor_pct_full_depth']:.2f}%",
@@ -893,6 +970,10 @@ def markdown(res: dict, command: str, s: dict) -> str:
               "Per-step figures from the stage's TensorBoard scalars; rollout-actor idle time from the start/end of "
               "every batch call (a `RolloutWorker` subclass reporting to a stats actor).", "",
               md_table(["figure"] + [name for name, _ in runs], [[label] + [f(r) for _, r in runs] for label, f in spec]), ""]
+    if res.get(SERVING):
+        from benchmarks.serving import markdown as serving_markdown
+
+        L += serving_markdown(res[SERVING])
     L += ["## Summary (JSON)", "", "```json", json.dumps(res["headline"], indent=1, sort_keys=True), "```", "", END_MARK, ""]
     return "\n".join(L)
 
@@ -918,10 +999,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown report path")
     p.add_argument("--json-out", default=None, help="also write the full results as JSON here")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
-    p.add_argument("--lms", default=None, help="LM shapes for the prefill section (default qwen2-0.5b,qwen2-7b; quick: qwen2-0.5b)")
+    p.add_argument("--lms", default=None, help="LM shapes for the prefill section (default qwen2-0.5b,qwen2-7b; quick: "
+                                               "qwen2-0.5b; '' for none)")
+    p.add_argument("--families", default=None,
+                   help="real-family MLLM shapes for the prefill section (default qwen3-vl-8b,internvl3.5-8b; quick: none; "
+                        "'' for none)")
     p.add_argument("--layers", default="auto", help="decoder layers of the shaped LMs: auto (CPU 2, or 1 for 7B; GPU full) or N")
     p.add_argument("--frames", type=int, default=None, help="frames of the shaped-LM prefill (default 32; quick 8)")
     p.add_argument("--tokens-per-frame", type=int, default=196)
+    p.add_argument("--family-frames", type=int, default=None,
+                   help="video frames of the --families prefill, at each family's own grid (default auto: 32 on a GPU, "
+                        f"on a CPU at most {CPU_VISUAL_TOKENS} visual tokens per model; quick 2)")
     p.add_argument("--retentions", default="1,0.5,0.25,0.1,0.05")
     p.add_argument("--repeats", type=int, default=None, help="timing rounds (median; default 3, quick 1)")
     p.add_argument("--stage-steps", type=int, default=None, help="learner steps of the Ray stage (default 30; quick 3)")
@@ -941,9 +1029,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     sections = [x for x in args.sections.split(",") if x]
-    bad = [x for x in sections if x not in SECTIONS]
+    bad = [x for x in sections if x not in (*SECTIONS, SERVING)]
     if bad:
-        p.error(f"--sections: unknown {bad}; known: {list(SECTIONS)}")
+        p.error(f"--sections: unknown {bad}; known: {[*SECTIONS, SERVING]}")
+    if SERVING in sections and len(sections) > 1:
+        p.error("--sections serving runs alone, in the serving venv: .venv-serve/bin/python jobs/benchmark.py --sections serving")
     s = settings(args)
     cpu_clock = args.clock == "cpu" or (args.clock == "auto" and device == "cpu" and torch.get_num_threads() == 1)
     s["clock"] = time.process_time if cpu_clock else time.perf_counter
@@ -961,6 +1051,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     ray_started = False
     try:
+        if SERVING in sections:
+            from benchmarks.serving import bench_serving
+
+            with section_timer(res, SERVING):
+                res[SERVING] = bench_serving(work, args.quick, device, say)
         if "prefill" in sections:
             with section_timer(res, "prefill"):
                 res["prefill"] = bench_prefill(s, device, args.layers)
@@ -1017,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"\nreport written to {args.out} ({res['seconds']:.0f} s; sections: {res.get('section_seconds')})")
     summary = {"seconds": res["seconds"], "section_seconds": res.get("section_seconds", {}), "out": str(args.out),
                "machine": res["machine"], "headline": res["headline"]}
-    for k in ("prefill", "scoring", "actors", "weight_sync", "data", "stage"):
+    for k in ("prefill", "scoring", "actors", "weight_sync", "data", "stage", SERVING):
         if k in res:
             summary[k] = res[k]
     print(json.dumps(summary, sort_keys=True, default=float), flush=True)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from pipeline.config import ConfigError, EvaluationConfig, MLLMConfig, WorldConfig
+from pipeline.config import ConfigError, DataConfig, EvaluationConfig, MLLMConfig, WorldConfig
+from pipeline.data.video import FrameSampling
 from pipeline.data.world import heldout_videos
 from pipeline.evaluation import (BASELINE_ORDER, eval_summary, load_eval_videos, method_selectors, results_markdown,
                                  run_evaluation)
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, default=E.videos, help="held-out videos to evaluate")
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all available)")
     ap.add_argument("--frames", type=int, default=None, help="frames per video (default: the world's)")
+    ap.add_argument("--fps", type=float, default=None,
+                    help="instead of --frames: sample each video at this many frames per second (data.sampling: fps, "
+                         "data.min_frames/max_frames defaults): videos of different durations get different lengths")
     ap.add_argument("--seed", type=int, default=E.seed)
     ap.add_argument("--fastv-layer", type=int, default=E.fastv_layer, help="decoder layer (0-based) whose attention FastV reads")
     ap.add_argument("--min-per-frame", type=int, default=None, help="SCORE top-K per-frame minimum (default: the compressor's)")
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
                 raise ConfigError("--methods score needs --compressor")
         if not 0 < args.overlay_retention <= 1:
             raise ConfigError("--overlay-retention must be in (0, 1]")
+        if args.fps is not None and not args.fps > 0:
+            raise ConfigError(f"--fps must be > 0 (got {args.fps:g})")
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     frames = args.frames or wcfg.frames
@@ -112,12 +118,16 @@ def main(argv: list[str] | None = None) -> dict:
     selectors = method_selectors(adapter, policy, names, fastv_layer=args.fastv_layer, min_per_frame=mpf,
                                  compile_policy=args.compile)
 
-    videos = load_eval_videos(adapter, str(heldout_videos(world)), args.limit, frames, wcfg.size,
+    sampling: int | FrameSampling = frames
+    if args.fps is not None:  # the model's temporal patch rounds each video's count
+        sampling = FrameSampling.from_config(DataConfig(sampling="fps", fps=args.fps), adapter._frames_for(1))
+    videos = load_eval_videos(adapter, str(heldout_videos(world)), args.limit, sampling, wcfg.size,
                               keep_frames=args.timing_videos)
     if not videos:
         raise SystemExit(f"error: no annotated videos under {heldout_videos(world)}")
+    length = f"{frames} frames" if args.fps is None else f"{args.fps:g} fps, {sorted({v.X.shape[0] for v in videos})} steps"
     print(f"[eval] {', '.join(selectors)} at retention {', '.join(f'{r:g}' for r in retentions)} on {len(videos)} "
-          f"held-out videos ({frames} frames) -> {out}", flush=True)
+          f"held-out videos ({length}) -> {out}", flush=True)
     rows = [0, len(selectors) * len(retentions)]
 
     def say(m: str) -> None:  # "[eval] full tokens: ..." then "[eval] 3/27 <method> r=..." (a progress line)
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     res = run_evaluation(adapter, videos, selectors, retentions, policy=policy, seed=args.seed,
                          timing_videos=args.timing_videos, timing_repeats=args.timing_repeats, log=say)
-    res["setup"].update(mllm=args.mllm, compressor=args.compressor, world=str(world), frames=frames,
+    res["setup"].update(mllm=args.mllm, compressor=args.compressor, world=str(world), frames=frames, fps=args.fps,
                         retentions=retentions, methods=list(selectors), seed=args.seed, fastv_layer=args.fastv_layer,
                         min_per_frame=mpf, compile=args.compile, command=" ".join(["python", "jobs/evaluate.py", *(argv if argv is not None else sys.argv[1:])]))
 

@@ -1,10 +1,13 @@
 """Generate the shapes world: image-caption parquet shards and mp4 video shards with QA.
 
     python jobs/make_world.py --out runs/world --images 256 --videos 128 --seed 0 \
-        [--size 64] [--frames 16] [--objects 1-3] [--grid 4] [--background texture] \
-        [--motion static,linear,appear] [--pan 0.1] [--noise 0.02]
+        [--size 64] [--frames 16 | 8-16] [--objects 1-3] [--grid 4] [--background texture] \
+        [--motion static,linear,appear] [--pan 0.1] [--noise 0.02] [--format native|llava|webdataset]
 
 Same seed and knobs, same bytes. The world's config is written to ``<out>/world.json``.
+``--format`` writes ``images/`` and ``videos/`` as LLaVA JSON arrays + a YAML mixture
+(point data.*_shards at ``images/mixture.yaml`` / ``videos/mixture.yaml``) or WebDataset tar
+shards (pipeline/data/world_formats.py); the held-out and validation videos stay native.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import _bootstrap  # noqa: F401
 
 from pipeline.config import ConfigError, add_config_args, load_config
 from pipeline.data.world import generate_world
+from pipeline.data.world_formats import WORLD_FORMATS
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,18 +33,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", type=int)
     ap.add_argument("--heldout-videos", dest="heldout_videos", type=int, help="evaluation videos (eval split)")
     ap.add_argument("--val-videos", dest="val_videos", type=int, help="validation videos (val split, for choosing the final policy)")
-    ap.add_argument("--frames", type=int)
+    ap.add_argument("--frames", help="frames per video, or MIN-MAX: videos of different durations, e.g. 8-16")
     ap.add_argument("--objects", help="MIN-MAX objects per scene, e.g. 1-3")
     ap.add_argument("--grid", type=int, help="cells per side that objects sit in (the MLLM's token grid)")
     ap.add_argument("--background", help="plain | gradient | texture | photo")
     ap.add_argument("--motion", help="comma list of: static,linear,bounce,appear,disappear,color_change")
     ap.add_argument("--pan", type=float)
     ap.add_argument("--noise", type=float)
+    ap.add_argument("--format", default="native", choices=WORLD_FORMATS, help="layout of images/ and videos/ (docs/data.md)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
     overrides = list(args.overrides)
-    for key in ("images", "videos", "heldout_videos", "val_videos", "seed", "size", "frames", "grid", "background", "pan", "noise"):
+    for key in ("images", "videos", "heldout_videos", "val_videos", "seed", "size", "grid", "background", "pan", "noise"):
         if getattr(args, key) is not None:
             overrides.append(f"world.{key}={getattr(args, key)}")
     if args.motion:
@@ -48,13 +53,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.objects:
         lo, _, hi = args.objects.partition("-")
         overrides += [f"world.min_objects={lo}", f"world.max_objects={hi or lo}"]
+    if args.frames:
+        lo, _, hi = args.frames.partition("-")
+        overrides += [f"world.frames={lo}"] + ([f"world.frames_max={hi}"] if hi else [])
     try:
         cfg = load_config(args.config, overrides).world
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 
     t0 = time.perf_counter()
-    summary = generate_world(cfg, args.out, progress=not args.quiet)
+    summary = generate_world(cfg, args.out, progress=not args.quiet, fmt=args.format)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["out"] = args.out
     print(json.dumps(summary))

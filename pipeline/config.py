@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 
 class ConfigError(ValueError):
@@ -29,6 +29,18 @@ MotionKind = Literal["static", "linear", "bounce", "appear", "disappear", "color
 Background = Literal["plain", "gradient", "texture", "photo"]
 
 
+#: the shapes world's objects (pipeline/data/world.py draws them): a scene's objects differ in both
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25),
+    "green": (20, 190, 40),
+    "blue": (30, 70, 240),
+    "yellow": (245, 225, 20),
+    "purple": (160, 40, 210),
+    "white": (250, 250, 250),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
 class WorldConfig(_Strict):
     """The shapes world: a seeded generator of image-caption pairs and videos with QA."""
 
@@ -38,7 +50,9 @@ class WorldConfig(_Strict):
     heldout_videos: int = Field(200, ge=0, description="evaluation videos (eval split, heldout/videos/; never trained on)")
     val_videos: int = Field(0, ge=0, description="validation videos (val split, val/videos/) for choosing the final policy; never trained or evaluated on")
     size: int = Field(64, ge=16, le=1024, description="frame height = width in pixels (even)")
-    frames: int = Field(16, ge=2, le=256, description="frames per video")
+    frames: int = Field(16, ge=2, le=256, description="frames per video (with frames_max: the fewest)")
+    frames_max: int | None = Field(None, ge=2, le=256, description="videos of different durations: each video's frame "
+                                                                 "count drawn uniformly from [frames, frames_max]")
     fps: int = Field(8, ge=1, le=120)
     min_objects: int = Field(1, ge=1)
     max_objects: int = Field(3, ge=1)
@@ -58,12 +72,25 @@ class WorldConfig(_Strict):
             raise ValueError("must be even (H.264 needs even frame sizes)")
         return v
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        # a world without a frame range dumps without the key: world.json is the world's cache key
+        out = handler(self)
+        if isinstance(out, dict) and out.get("frames_max") is None:
+            out.pop("frames_max", None)
+        return out
+
     @model_validator(mode="after")
     def _check(self) -> "WorldConfig":
+        if self.frames_max is not None and self.frames_max < self.frames:
+            raise ValueError(f"frames_max ({self.frames_max}) must be >= frames ({self.frames}): the range is frames..frames_max")
         if self.max_objects < self.min_objects:
             raise ValueError("max_objects must be >= min_objects")
         if self.max_objects > self.grid * self.grid:
             raise ValueError(f"max_objects must fit the {self.grid}x{self.grid} grid")
+        if self.max_objects > min(len(SHAPES), len(COLORS)):
+            raise ValueError(f"max_objects={self.max_objects}: a scene's objects have distinct shapes and colours, "
+                             f"and the world has {len(SHAPES)} shapes and {len(COLORS)} colours")
         if self.object_size * self.size + 2 * self.jitter > self.size / self.grid + 1e-9:
             raise ValueError("object_size * size + 2 * jitter must fit in one grid cell (size / grid)")
         if not self.motion:
@@ -80,6 +107,9 @@ class S3Config(_Strict):
     region: str | None = None
 
 
+FPS_MIN_FRAMES = 4  # qwen-vl-utils' default of min_frames for fps sampling
+
+
 class DataConfig(_Strict):
     """Where shards live and how samples are built from them."""
 
@@ -88,10 +118,43 @@ class DataConfig(_Strict):
     frame_size: int = Field(64, ge=16, description="frames are resized to this square size")
     pseudo_images: int = Field(4, ge=1, description="k: images per pseudo-video clip")
     pseudo_repeat: int = Field(4, ge=1, description="F: frames each image is repeated")
-    video_frames: int = Field(16, ge=1, description="T: frames sampled uniformly from a real video")
+    # frame sampling (pipeline/data/video.py, FrameSampling): the rule of the MLLM's own processor
+    sampling: Literal["uniform", "fps"] = Field(
+        "uniform", description="uniform: video_frames frames per video (LLaVA's linspace); fps: duration * fps frames, "
+                               "clamped to [min_frames, max_frames] and rounded to frame_multiple (qwen-vl-utils)")
+    video_frames: int = Field(16, ge=1, description="T: frames sampled uniformly from a real video (sampling: uniform)")
+    fps: float = Field(2.0, gt=0, description="sampling: fps: frames per second of video sampled")
+    max_frames: int = Field(768, ge=1, description="sampling: fps: at most this many frames per video")
+    frame_multiple: int = Field(0, ge=0, description="sampling: fps: frame counts are multiples of this; 0: the MLLM's "
+                                                     "temporal patch (vision_config.temporal_patch_size; 2 for Qwen)")
     max_caption_words: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1, description="samples per Ray Data batch")
     s3: S3Config = S3Config()
+    # bring your own data (docs/data.md): the layout of image_shards / video_shards
+    format: Literal["auto", "native", "llava", "webdataset", "hf_parquet"] = Field(
+        "auto", description="auto: detected per path (a .yaml/.json/.jsonl with conversations: llava; .tar: webdataset; "
+                            "parquet with an image struct column: hf_parquet; else native)")
+    image_folder: str | None = Field(None, description="llava/hf_parquet: folder image paths are relative to (default: the JSON's folder)")
+    video_folder: str | None = Field(None, description="llava: folder video paths are relative to (default: the JSON's folder)")
+    decoder: Literal["pyav", "decord"] = Field("pyav", description="video decoder; decord needs pip install -e '.[decord]'")
+    min_frames: int = Field(1, ge=1, description="videos with fewer frames are quarantined (too_short); sampling: fps "
+                                                 "samples at least this many (default 4 there, qwen-vl-utils' FPS_MIN_FRAMES)")
+    index_rows: int = Field(1024, ge=1, description="llava: indexed image records per stage-1 task (a pseudo-video never crosses one)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fps_min_frames(cls, data: Any) -> Any:
+        # min_frames defaults to 1 (uniform: a short video repeats frames) but to
+        # qwen-vl-utils' 4 with fps sampling, so an unset value matches the Qwen processors
+        if isinstance(data, dict) and data.get("sampling") == "fps" and "min_frames" not in data:
+            data = {**data, "min_frames": FPS_MIN_FRAMES}
+        return data
+
+    @model_validator(mode="after")
+    def _frame_range(self) -> "DataConfig":
+        if self.sampling == "fps" and self.min_frames > self.max_frames:
+            raise ValueError(f"min_frames ({self.min_frames}) is above max_frames ({self.max_frames})")
+        return self
 
 
 class MLLMConfig(_Strict):
@@ -452,6 +515,12 @@ def config_with_run_args(args: argparse.Namespace) -> Config:
     try:
         storage.probe(storage.join(cfg.run.storage, cfg.run.name), cfg.data.s3)
     except storage.StoreError as e:
+        sys.exit(f"error: {e}")
+    from pipeline.data.sources import check_sources
+
+    try:
+        check_sources(cfg.data)  # a data mixture naming a missing file, a decoder not installed
+    except ConfigError as e:
         sys.exit(f"error: {e}")
     if args.fresh:
         if args.resume:

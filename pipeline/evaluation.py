@@ -3,6 +3,10 @@
 Accuracy is the exact match of the greedy answer (first generated word) with the reference;
 option accuracy picks the multiple-choice option with the highest log-likelihood. Both use the
 sample's primary question (``qa[0]``).
+
+Videos may differ in length (``data.sampling: fps``): every video is selected, prefilled and
+scored on its own (``K = ceil(r * T'*N)`` of its own ``T'``), so nothing is padded; the cost
+columns of :func:`run_evaluation` are then means over the videos.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 from pipeline.select import SelectionContext, budget
 from pipeline.data import readers
+from pipeline.data.video import FrameSampling
 from pipeline.data.prompts import qa_prompt
 from pipeline.mllm.base import MLLMAdapter
 from pipeline.metrics import sync
@@ -36,11 +41,13 @@ class EvalVideo:
     side: dict = field(default_factory=dict)  # the family's side features ([T', N, ...]; DeepStack)
 
 
-def load_eval_videos(adapter: MLLMAdapter, video_root: str, limit: int, num_frames: int, size: int,
+def load_eval_videos(adapter: MLLMAdapter, video_root: str, limit: int, num_frames: int | FrameSampling, size: int,
                      max_words: int = 64, s3: Any = None, keep_frames: int = 0) -> list[EvalVideo]:
     """Decode (PyAV) and encode up to ``limit`` annotated videos from ``video_root``'s shards
-    (local or ``s3://``, ``s3`` an :class:`~pipeline.config.S3Config`). The first ``keep_frames``
-    keep their decoded frames (:func:`time_deployed` encodes them again, as a deployment does)."""
+    (local or ``s3://``, ``s3`` an :class:`~pipeline.config.S3Config`); ``num_frames``: an int
+    (uniform) or a :class:`~pipeline.data.video.FrameSampling` (``fps``: each video its own
+    length). The first ``keep_frames`` keep their decoded frames (:func:`time_deployed` encodes
+    them again, as a deployment does)."""
     out: list[EvalVideo] = []
     for ann in readers.list_video_annotations(video_root, s3):
         for rec in readers.read_video_index(ann, s3):
@@ -258,11 +265,18 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
     M = T * N
     L_full = full_length(adapter, v0)
     timed = videos[: max(1, timing_videos)]
+    steps = sorted({int(v.X.shape[0]) for v in videos})
+    varied = len(steps) > 1  # videos of different T': K, lengths and FLOPs per video, then their means
+    if varied:
+        Ms = [int(v.X.shape[0] * v.X.shape[1]) for v in videos]
+        Ls = [full_length(adapter, v) for v in videos]
+        M, L_full = round(float(np.mean(Ms)), 2), int(round(float(np.mean(Ls))))
 
     t0 = time.perf_counter()
     full = evaluate_qa(adapter, videos, None, 1.0, seed=seed)
     full_prefill = time_deployed(adapter, timed, None, 1.0, seed, timing_repeats)["full_prefill_s"]
-    full.update(prefill_ms=round(1e3 * full_prefill, 4), length=L_full, flops=prefill_flops(dims, L_full),
+    full.update(prefill_ms=round(1e3 * full_prefill, 4), length=L_full,
+                flops=float(np.mean([prefill_flops(dims, L) for L in Ls])) if varied else prefill_flops(dims, L_full),
                 seconds=round(time.perf_counter() - t0, 2))
     say(f"full tokens: accuracy {full['accuracy']:.3f} (option {full['option_accuracy']:.3f}), "
         f"prefill {1e3 * full_prefill:.2f} ms, L={L_full}")
@@ -272,11 +286,22 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
         for r in retentions:
             t1 = time.perf_counter()
             acc = evaluate_qa(adapter, videos, sel, r, seed=seed)
-            k = budget(r, M)
-            L_kept = L_full - (M - k)
             cost = time_deployed(adapter, timed, sel, r, seed, timing_repeats)
             select_s, pre, full_s = cost["select_s"], cost["prefill_s"], cost["full_prefill_s"]
-            sflops = selection_flops(name, sel, dims, T, N, L_full, policy)
+            if varied:
+                ks = [budget(r, m) for m in Ms]
+                k = round(float(np.mean(ks)), 2)
+                flops_ratio = float(np.mean([prefill_flops(dims, L - (m - kk)) / prefill_flops(dims, L)
+                                             for L, m, kk in zip(Ls, Ms, ks)]))
+                per = [selection_flops(name, sel, dims, int(v.X.shape[0]), N, L, policy) for v, L in zip(videos, Ls)]
+                sflops_pct = None if per[0] is None else float(np.mean(
+                    [100.0 * f / prefill_flops(dims, L) for f, L in zip(per, Ls)]))
+            else:
+                k = budget(r, M)
+                L_kept = L_full - (M - k)
+                flops_ratio = prefill_flops(dims, L_kept) / prefill_flops(dims, L_full)
+                sflops = selection_flops(name, sel, dims, T, N, L_full, policy)
+                sflops_pct = None if sflops is None else 100.0 * sflops / prefill_flops(dims, L_full)
             row = {
                 "method": name, "retention": r, "k": k, "tokens": M,
                 "accuracy": acc["accuracy"], "option_accuracy": acc["option_accuracy"],
@@ -284,10 +309,10 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
                 "per_type": acc["per_type"], "n": acc["n"],
                 "prefill_ms": round(1e3 * pre, 4), "full_prefill_ms": round(1e3 * full_s, 4),
                 "speedup": round(full_s / pre, 3) if pre > 0 else None,
-                "flops_ratio": round(prefill_flops(dims, L_kept) / prefill_flops(dims, L_full), 5),
+                "flops_ratio": round(flops_ratio, 5),
                 "select_ms": round(1e3 * select_s, 4),
                 "select_pct_of_full_prefill_time": round(100.0 * select_s / full_s, 3),
-                "select_flops_pct": None if sflops is None else round(100.0 * sflops / prefill_flops(dims, L_full), 4),
+                "select_flops_pct": None if sflops_pct is None else round(sflops_pct, 4),
                 "speedup_with_select": round(full_s / (pre + select_s), 3),
                 "seconds": round(time.perf_counter() - t1, 2),
             }
@@ -297,7 +322,7 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
     setup = {"videos": len(videos), "grid": [T, *adapter.visual_grid(T)[1:]], "tokens_per_video": M,
              "full_length": L_full, "lm": dims, "timing_videos": len(timed), "timing_repeats": timing_repeats,
              "device": str(adapter.device), "dtype": str(adapter.dtype).replace("torch.", ""),
-             "torch_threads": torch.get_num_threads()}
+             "torch_threads": torch.get_num_threads(), **({"steps": steps} if varied else {})}
     return {"full": full, "rows": rows, "setup": setup}
 
 

@@ -114,6 +114,38 @@ class _Block(nn.Module):
         return h + self.mlp(self.ln_m(h))
 
 
+def padded_logits(policy: nn.Module, X: Tensor, grid: tuple[int, int], steps: Tensor | None = None) -> Tensor:
+    """Keep logits of a batch whose samples may differ in length, each scored at its OWN length.
+
+    ``X[B, T, N, D]`` (samples shorter than ``T`` zero-padded at the end), ``steps[B]`` each
+    sample's ``T'`` (``None``: all ``T``) -> ``z[B, T*N]``; a sample's logits past its own
+    ``T'*N`` are 0 and meaningless (the caller's ``valid`` mask excludes them everywhere).
+
+    Samples are grouped by ``T'`` and each group runs one plain ``policy(X[group, :T'], grid)``:
+    a sample's logits are what a batch of equal-length samples gives, whatever the longest sample
+    of the batch is, so the behaviour logits a rollout records and the learner's recomputation
+    agree when Ray Data regroups the records into other batches, and no padded token is ever seen
+    by the policy (padding cannot leak into the residuals or the temporal attention). An equal-length batch (``steps`` None or all ``T``) is one plain
+    ``policy(X, grid)`` call. ``policy`` may be a DeepSpeed engine (one forward per group,
+    one backward)."""
+    b, t = X.shape[:2]
+    if steps is None or bool((steps == t).all()):
+        return policy(X, grid)
+    steps = steps.to("cpu", torch.long)
+    if steps.shape != (b,) or int(steps.min()) < 1 or int(steps.max()) > t:
+        raise ValueError(f"steps must be [{b}] in 1..{t}, got {steps.tolist()}")
+    n = X.shape[2]
+    parts, order = [], []
+    for length in sorted(set(steps.tolist())):
+        idx = (steps == length).nonzero().flatten()
+        z = policy(X[idx.to(X.device), :length], grid)  # [b_l, length*N]
+        parts.append(F.pad(z, (0, (t - length) * n)))
+        order.append(idx)
+    inverse = torch.empty(b, dtype=torch.long)
+    inverse[torch.cat(order)] = torch.arange(b)
+    return torch.cat(parts)[inverse.to(parts[0].device)]
+
+
 class ScorePolicy(nn.Module):
     """Per-token keep logits for a video's visual tokens.
 
@@ -229,10 +261,10 @@ class ScorePolicy(nn.Module):
         (downloaded first; ``s3``: the endpoint, else the AWS environment's). Unknown config keys
         (a newer writer's extra fields) are ignored; missing ones take :class:`PolicyConfig`
         defaults."""
-        from pipeline import storage
-
-        if storage.is_s3(str(directory)):
+        if str(directory).startswith("s3://"):  # storage (pyarrow, boto3) only for S3: the vLLM plugin's venv has neither
             import tempfile
+
+            from pipeline import storage
 
             with tempfile.TemporaryDirectory(prefix="score-policy-") as tmp:
                 return cls.from_pretrained(storage.download_dir(str(directory), tmp, s3), map_location)

@@ -95,26 +95,34 @@ def sample_masks(
     return masks
 
 
-def budget_shift(logits: Tensor, kept: Tensor, iters: int = 60) -> Tensor:
+def budget_shift(logits: Tensor, kept: Tensor, iters: int = 60, valid: Tensor | None = None) -> Tensor:
     """Per-sample logit shift ``b`` with ``sum_i sigmoid(z_i + b) = kept`` (expected kept tokens).
 
     ``logits[B, M]``, ``kept[B]`` in ``(0, M)`` -> ``b[B]`` float32. Bisection in float64 (the sum is
     increasing in ``b``); ``iters`` halvings of a bracket of width ``range(z) + 80`` leave an error far
     below a token. A shift changes no ranking, so ``Bernoulli(sigmoid(z + b))`` rollouts keep about
     ``kept`` tokens while the policy still only decides WHICH ones: what top-K inference reads.
+    ``valid[B, M]`` (padded batches): only valid tokens count, ``M`` is each sample's own count.
     """
     if logits.dim() != 2 or kept.shape != logits.shape[:1]:
         raise ValueError(f"logits [B, M] and kept [B] expected, got {tuple(logits.shape)} and {tuple(kept.shape)}")
     z = logits.detach().double()
     k = kept.detach().double().to(z.device)
-    m = z.shape[1]
+    if valid is not None:
+        v = valid.to(device=z.device, dtype=torch.bool)
+        if v.shape != z.shape:
+            raise ValueError(f"valid must be [B, M] = {tuple(z.shape)}, got {tuple(v.shape)}")
+        z = z.masked_fill(~v, 0.0)  # finite filler; its sigmoid is multiplied by 0 below
+    m = z.shape[1] if valid is None else v.sum(-1).double()
     if not bool(torch.isfinite(z).all()) or not bool(((k > 0) & (k < m)).all()):
-        raise ValueError(f"budget_shift: needs finite logits and 0 < kept < M = {m}")
-    lo = -z.amax(-1) - 40.0
-    hi = -z.amin(-1) + 40.0
+        raise ValueError(f"budget_shift: needs finite logits and 0 < kept < M = {m if valid is None else m.tolist()}")
+    lo = -(z if valid is None else z.masked_fill(~v, float("-inf"))).amax(-1) - 40.0
+    hi = -(z if valid is None else z.masked_fill(~v, float("inf"))).amin(-1) + 40.0
+    w = None if valid is None else v.double()
     for _ in range(iters):
         mid = (lo + hi) / 2
-        over = torch.sigmoid(z + mid[:, None]).sum(-1) > k
+        p = torch.sigmoid(z + mid[:, None])
+        over = (p if w is None else p * w).sum(-1) > k
         hi = torch.where(over, mid, hi)
         lo = torch.where(over, lo, mid)
     return ((lo + hi) / 2).float()

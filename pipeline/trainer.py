@@ -11,6 +11,14 @@ Built from small pieces that the Ray roles reuse (docs/design.md):
   scoring (:func:`score_packed`: ``CE_full`` from the cache or its own batch, the ``B x G`` masked
   rows sorted by length and padded only to their bucket's longest), then ``dCE`` and ``rho``. Returns a :class:`RolloutBatch`; :meth:`RolloutBatch.to_records` /
   :meth:`RolloutBatch.from_records` convert to and from per-sample rollout records.
+* **variable length** - samples of one batch may differ in frame count (``data.sampling: fps``),
+  hence in ``T'``. The batch then holds ``X`` zero-padded to the longest ``T'`` and each sample's
+  ``steps`` (its ``T'``); :meth:`RolloutBatch.token_valid` marks its real tokens. The policy scores
+  every sample at its own length (:func:`pipeline.policy.padded_logits`), masks, budget and
+  ``rho`` count real tokens only (a padded token is never kept, never sampled), the MLLM scores
+  each ``T'`` group at its own length, and the loss, entropy and KL skip padded tokens. Records
+  are per sample and unpadded. A batch of equal lengths takes the unpadded path (``steps``
+  None, no mask anywhere): the draws, masks and numbers of a plain stacked batch.
 * **learn** - :func:`pipeline.update.ppo_update`, the one update the DeepSpeed learner runs too.
 * **loop** - :func:`train_step` (rollout -> update, timed) and :func:`train_stage` (progress bar,
   TensorBoard scalars, summary line), :func:`train_curriculum_local` (stage 1 pseudo-videos, then
@@ -27,8 +35,9 @@ Rollout record (one per sample; numpy/str/int only, so it travels as a Ray Data 
 
     sample_id       str
     policy_version  int         policy version that drew the masks
-    X               float32     [T', N, D]  visual tokens (the learner's state; R, u are derived);
-                                float16, or bfloat16 as its raw bits in int16, per x_dtype
+    X               float32     [T', N, D]  visual tokens (the learner's state; R, u are derived), this
+                                sample's own T' (never padded); float16, or bfloat16 as its raw
+                                bits in int16, per x_dtype
     x_dtype         str         "float32" | "float16" | "bfloat16" (rollout.state_dtype)
     grid            int64       [2] (gh, gw), N = gh*gw
     mask_bits       uint8       [G, ceil(M/8)]  pack_masks, little bit order, M = T'*N
@@ -40,6 +49,7 @@ Rollout record (one per sample; numpy/str/int only, so it travels as a Ray Data 
     ce_full         float       CE with every visual token
     prompt, target  str
     logit_shift     float       b added to the policy's logits for this sample (stage.rollout_budget; else 0)
+    num_frames      int         frames decoded for the sample (T; T' = T / temporal patch)
 """
 
 from __future__ import annotations
@@ -59,10 +69,10 @@ import numpy as np
 import torch
 
 from pipeline.cache import ByteLRU
-from pipeline.config import Config, DataConfig, LearnerConfig, PolicyConfig, StageConfig, WorldConfig
+from pipeline.config import Config, ConfigError, DataConfig, LearnerConfig, PolicyConfig, StageConfig, WorldConfig
 from pipeline.data.prompts import CAPTION_PROMPT, qa_prompt
 from pipeline.metrics import MetricsWriter, format_metrics, mean_metrics, timed
-from pipeline.policy import ScorePolicy
+from pipeline.policy import ScorePolicy, padded_logits
 from pipeline.rewards import PackedMasks, budget_shift, delta_ce, pack_masks, sample_masks, sparsity, unpack_masks
 from pipeline.mllm.base import stack_side
 from pipeline.update import (KEEP_PROB, KEPT, LR, REWARD, ROLLOUTS_PER_S, SAFE_FRAC, VERSION, VERSION_LAG, Optimizer,
@@ -121,8 +131,13 @@ def select_target(sample: Mapping[str, Any], seed: int = 0, resample: bool = Fal
     (``stage.resample_qa``): a video's data epoch ``e > 0`` (its ``epoch`` field) draws the QA pair
     again with ``crc32(f"{seed}:{e}:{sample_id}")`` - the policy never sees the question, so over
     the epochs it has to keep what every question about the video needs, not only the one asked
-    first."""
+    first. A video sample with a ``conversation`` (LLaVA-style data) is scored on it instead:
+    :func:`pipeline.data.conversations.chat_target`."""
     kind = str(sample.get("kind", "video"))
+    if kind != "pseudo_video" and sample.get("conversation"):
+        from pipeline.data.conversations import chat_target
+
+        return chat_target(sample["conversation"])
     if kind != "pseudo_video":
         usable = [q for q in parse_qa(sample.get("qa")) if q.get("question") and q.get("answer")]
         if usable:
@@ -162,23 +177,47 @@ def state_from_numpy(a: np.ndarray, dtype: str) -> Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t.to(STATE_DTYPES[dtype])
 
 
+def pad_steps(xs: Sequence[Tensor], steps: int | None = None) -> Tensor:
+    """``[T'_b, ...]`` tensors -> ``[B, steps, ...]`` zero-padded at the end (``steps``: the longest)."""
+    t = max(int(x.shape[0]) for x in xs) if steps is None else int(steps)
+    out = xs[0].new_zeros((len(xs), t, *xs[0].shape[1:]))
+    for b, x in enumerate(xs):
+        out[b, : x.shape[0]] = x
+    return out
+
+
+def token_valid(steps: Tensor | None, n: int, max_steps: int) -> Tensor | None:
+    """``[B, max_steps * n]`` bool: True on each sample's own ``steps[b] * n`` tokens (flattened
+    ``t * n + i``, so a sample's real tokens are a prefix); ``None`` when ``steps`` is None."""
+    if steps is None:
+        return None
+    return torch.arange(max_steps * n)[None, :] < (steps.to("cpu", torch.long) * n)[:, None]
+
+
 @dataclass
 class RolloutBatch:
-    """B samples x G rollouts. Tensors on CPU except ``X`` (the adapter's device and dtype)."""
+    """B samples x G rollouts. Tensors on CPU except ``X`` (the adapter's device and dtype).
+
+    Samples of different ``T'`` (module doc, *variable length*): ``X``, the masks and
+    ``old_logits`` are padded to the longest and ``steps`` holds each sample's ``T'``; padded
+    tokens are never kept (mask bits 0) and their logits are 0. ``steps`` None: every sample has
+    ``X.shape[1]`` steps (an equal-length batch, unpadded)."""
 
     sample_ids: list[str]
     policy_version: Tensor  # [B] int64
-    X: Tensor  # [B, T', N, D] the state (float32, or the rollout's state_dtype)
+    X: Tensor  # [B, T', N, D] the state (float32, or the rollout's state_dtype); zero-padded past steps[b]
     grid: tuple[int, int]  # (gh, gw)
-    masks: PackedMasks  # bits [B, G, ceil(M/8)]
+    masks: PackedMasks  # bits [B, G, ceil(M/8)], M = T'*N of the longest
     old_logits: Tensor  # [B, M] float32
     dce: Tensor  # [B, G] float32
-    rho: Tensor  # [B, G] float32
+    rho: Tensor  # [B, G] float32 (1 - kept / the sample's own token count)
     ce_full: Tensor  # [B] float32
     ce: Tensor  # [B, G] float32
     prompts: list[str]
     targets: list[str]
     shift: Tensor | None = None  # [B] float32 logit shift b of the behaviour policy (stage.rollout_budget); None = 0
+    steps: Tensor | None = None  # [B] int64 each sample's T' when they differ; None: all X.shape[1]
+    num_frames: Tensor | None = None  # [B] int64 frames decoded per sample (data/frames_* metrics); None: unknown
 
     @property
     def size(self) -> int:
@@ -190,27 +229,39 @@ class RolloutBatch:
 
     @property
     def num_tokens(self) -> int:
+        """``M`` of the batch: the longest sample's ``T' * N``."""
         return int(self.masks.num_tokens)
+
+    def sample_steps(self) -> list[int]:
+        """Each sample's ``T'``."""
+        return [int(self.X.shape[1])] * self.size if self.steps is None else [int(t) for t in self.steps]
+
+    def token_valid(self) -> Tensor | None:
+        """``[B, M]`` bool, True on each sample's real tokens; ``None`` for an equal-length batch."""
+        return token_valid(self.steps, int(self.X.shape[2]), int(self.X.shape[1]))
 
     def unpacked_masks(self) -> Tensor:
         """``[B, G, M]`` bool (CPU)."""
         return unpack_masks(self.masks)
 
     def to_records(self) -> list[dict[str, Any]]:
-        """One rollout record per sample (layout in the module doc)."""
+        """One rollout record per sample (layout in the module doc), each at its own ``T'``."""
         X, x_dtype = state_to_numpy(self.X)
         bits = self.masks.bits.numpy()
+        n = int(X.shape[2])
+        masks = None if self.steps is None else self.unpacked_masks()
         out = []
         for b, sid in enumerate(self.sample_ids):
-            out.append({
+            t = None if self.steps is None else int(self.steps[b])
+            rec = {
                 "sample_id": sid,
                 "policy_version": int(self.policy_version[b]),
-                "X": X[b],
+                "X": X[b] if t is None else X[b, :t],
                 "x_dtype": x_dtype,
                 "grid": np.asarray(self.grid, dtype=np.int64),
-                "mask_bits": bits[b],
-                "num_tokens": self.num_tokens,
-                "old_logits": self.old_logits[b].numpy(),
+                "mask_bits": bits[b] if t is None else pack_masks(masks[b, :, : t * n]).bits.numpy(),
+                "num_tokens": self.num_tokens if t is None else t * n,
+                "old_logits": (self.old_logits[b] if t is None else self.old_logits[b, : t * n]).numpy(),
                 "dce": self.dce[b].numpy(),
                 "rho": self.rho[b].numpy(),
                 "ce": self.ce[b].numpy(),
@@ -218,34 +269,58 @@ class RolloutBatch:
                 "prompt": self.prompts[b],
                 "target": self.targets[b],
                 "logit_shift": 0.0 if self.shift is None else float(self.shift[b]),
-            })
+            }
+            if self.num_frames is not None:
+                rec["num_frames"] = int(self.num_frames[b])
+            out.append(rec)
         return out
 
     @classmethod
     def from_records(cls, records: Sequence[Mapping[str, Any]]) -> "RolloutBatch":
-        """Stack records of one shape (same T', N, D, G) back into a batch."""
+        """Records of one token grid, width, state dtype and G back into a batch; records of
+        different ``T'`` are padded to the longest (class doc), equal ones stacked as they are."""
         if not records:
             raise ValueError("from_records: no records")
-        shapes = {(np.shape(r["X"]), np.shape(r["mask_bits"]), int(r["num_tokens"]), str(r.get("x_dtype", "float32")))
-                  for r in records}
+        shapes = {(np.shape(r["X"])[1:], np.shape(r["mask_bits"])[0], str(r.get("x_dtype", "float32"))) for r in records}
         if len(shapes) > 1:
-            raise ValueError(f"from_records: records of different shapes cannot form one batch: {sorted(shapes)}")
+            raise ValueError(f"from_records: records of different shapes (N, D), G or state dtype cannot form one batch: "
+                             f"{sorted(shapes)}")
         grids = {tuple(int(g) for g in r["grid"]) for r in records}
         if len(grids) > 1:
             raise ValueError(f"from_records: different grids {sorted(grids)}")
+        n = int(np.shape(records[0]["X"])[1])
+        for r in records:
+            if int(r["num_tokens"]) != np.shape(r["X"])[0] * n:
+                raise ValueError(f"from_records: {r['sample_id']}: num_tokens {int(r['num_tokens'])} is not T'*N of X "
+                                 f"{np.shape(r['X'])}")
+        lengths = [int(np.shape(r["X"])[0]) for r in records]
+        T = max(lengths)
+        equal = len(set(lengths)) == 1
 
         def f32(key: str) -> Tensor:
             return torch.from_numpy(np.stack([np.asarray(r[key], dtype=np.float32) for r in records]))
 
-        bits = torch.from_numpy(np.stack([np.asarray(r["mask_bits"], dtype=np.uint8) for r in records]))
+        x_dtype = str(records[0].get("x_dtype", "float32"))
+        if equal:
+            bits = torch.from_numpy(np.stack([np.asarray(r["mask_bits"], dtype=np.uint8) for r in records]))
+            X = state_from_numpy(np.stack([np.asarray(r["X"]) for r in records]), x_dtype)
+            old = f32("old_logits")
+        else:  # pad X, the behaviour logits and the masks to the longest; padded tokens never kept
+            X = pad_steps([state_from_numpy(np.array(r["X"]), x_dtype) for r in records], T)
+            old = pad_steps([torch.from_numpy(np.asarray(r["old_logits"], dtype=np.float32)) for r in records], T * n)
+            masks = [unpack_masks(PackedMasks(torch.from_numpy(np.asarray(r["mask_bits"], dtype=np.uint8)),
+                                              int(r["num_tokens"]))) for r in records]  # [G, M_b] each
+            bits = pack_masks(torch.stack([torch.nn.functional.pad(m, (0, T * n - m.shape[1])) for m in masks])).bits
         shift = torch.tensor([float(r.get("logit_shift", 0.0)) for r in records], dtype=torch.float32)
+        frames = ([int(r["num_frames"]) for r in records]
+                  if all(r.get("num_frames") is not None for r in records) else None)
         return cls(
             sample_ids=[str(r["sample_id"]) for r in records],
             policy_version=torch.tensor([int(r["policy_version"]) for r in records], dtype=torch.long),
-            X=state_from_numpy(np.stack([np.asarray(r["X"]) for r in records]), str(records[0].get("x_dtype", "float32"))),
+            X=X,
             grid=next(iter(grids)),  # type: ignore[arg-type]
-            masks=PackedMasks(bits, int(records[0]["num_tokens"])),
-            old_logits=f32("old_logits"),
+            masks=PackedMasks(bits, T * n),
+            old_logits=old,
             dce=f32("dce"),
             rho=f32("rho"),
             ce_full=torch.tensor([float(r["ce_full"]) for r in records], dtype=torch.float32),
@@ -253,6 +328,8 @@ class RolloutBatch:
             prompts=[str(r["prompt"]) for r in records],
             targets=[str(r["target"]) for r in records],
             shift=shift if bool(shift.any()) else None,  # None = no shift, as the rollout made it
+            steps=None if equal else torch.tensor(lengths, dtype=torch.long),
+            num_frames=None if frames is None else torch.tensor(frames, dtype=torch.long),
         )
 
 
@@ -290,7 +367,8 @@ def length_buckets(kept: Sequence[int], max_tokens: int | None = None, max_rows:
 
 def score_packed(adapter: Any, X: Tensor, masks: Tensor, prompts: list[str], targets: list[str], *,
                  side: dict[str, Tensor] | None = None, ce_full: Tensor | None = None,
-                 max_tokens: int | None = None, max_rows: int | None = None) -> tuple[Tensor, Tensor, dict]:
+                 max_tokens: int | None = None, max_rows: int | None = None,
+                 steps: Tensor | None = None) -> tuple[Tensor, Tensor, dict]:
     """Padding-aware version of the rollout's single ``adapter.score(X, [all-ones, masks])`` call.
 
     ``X[B,T',N,D]``, ``masks[B,G,M]`` bool -> ``(ce_full[B], ce[B,G], stats)`` (float32, CPU), the
@@ -304,27 +382,60 @@ def score_packed(adapter: Any, X: Tensor, masks: Tensor, prompts: list[str], tar
 
     ``side``: the batch's side features (``[B, T', N, ...]``), sliced with ``X``.
 
+    ``steps[B]``: each sample's ``T'`` when they differ (``X`` zero-padded, ``masks`` False past a
+    sample's own ``T'*N``). The MLLM lays out a video of ``T'`` steps, so every call holds one
+    ``T'``: the samples are grouped by ``T'`` (each group's full rows one call; its masked rows
+    bucketed as above) and each call sees ``X[:, :T']``, never a padded step. ``None`` (one
+    length): the single group is the whole batch, the calls are the ones above.
+
     ``stats``: ``{calls, padded_visual_tokens, real_visual_tokens}``.
     """
     B, G, M = masks.shape
+    T = int(X.shape[1])
+    lengths = [T] * B if steps is None else [int(t) for t in steps]
+    groups: dict[int, list[int]] = {}
+    for b, t in enumerate(lengths):
+        groups.setdefault(t, []).append(b)
+    n = M // T
+
+    def part(t: int, sample: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        # X and side features of these samples at T' = t (the whole X when nothing is padded)
+        if t == T and len(groups) == 1:
+            sample_d = sample.to(X.device)
+            return X[sample_d], {k: v[sample.to(v.device)] for k, v in (side or {}).items()}
+        return X[sample.to(X.device), :t], {k: v[sample.to(v.device), :t] for k, v in (side or {}).items()}
+
     calls = 0
     if ce_full is None:
-        full = torch.ones(B, 1, M, dtype=torch.bool)
-        ce_full = adapter.score(X, full.to(X.device), prompts, targets, side=side).float().cpu()[:, 0]
-        calls += 1
+        if len(groups) == 1:
+            full = torch.ones(B, 1, M, dtype=torch.bool)
+            ce_full = adapter.score(X, full.to(X.device), prompts, targets, side=side).float().cpu()[:, 0]
+            calls += 1
+        else:
+            ce_full = torch.empty(B, dtype=torch.float32)
+            for t, members in groups.items():
+                sample = torch.tensor(members, dtype=torch.long)
+                Xt, side_t = part(t, sample)
+                full = torch.ones(len(members), 1, t * n, dtype=torch.bool)
+                ce_full[sample] = adapter.score(Xt, full.to(X.device), [prompts[b] for b in members],
+                                                [targets[b] for b in members], side=side_t).float().cpu()[:, 0]
+                calls += 1
     flat = masks.reshape(B * G, M)
     kept = flat.sum(1).tolist()
     out = torch.empty(B * G, dtype=torch.float32)
     padded = 0
-    for rows in length_buckets(kept, max_tokens, max_rows):
-        idx = torch.tensor(rows, dtype=torch.long)
-        sample = idx // G
-        rows_side = {k: v[sample.to(v.device)] for k, v in (side or {}).items()}
-        ce = adapter.score(X[sample.to(X.device)], flat[idx].unsqueeze(1).to(X.device),
-                           [prompts[int(s)] for s in sample], [targets[int(s)] for s in sample], side=rows_side)
-        out[idx] = ce.float().cpu()[:, 0]
-        padded += len(rows) * max(kept[i] for i in rows)
-        calls += 1
+    for t, members in groups.items():
+        group_rows = [b * G + g for b in members for g in range(G)]  # all rows when one group
+        for bucket in length_buckets([kept[r] for r in group_rows], max_tokens, max_rows):
+            rows = [group_rows[i] for i in bucket]
+            idx = torch.tensor(rows, dtype=torch.long)
+            sample = idx // G
+            Xt, rows_side = part(t, sample)
+            ce = adapter.score(Xt, flat[idx, : t * n].unsqueeze(1).to(X.device),
+                               [prompts[int(s)] for s in sample], [targets[int(s)] for s in sample], side=rows_side)
+            out[idx] = ce.float().cpu()[:, 0]
+            padded += len(rows) * max(kept[i] for i in rows)
+            calls += 1
     stats = {"calls": calls, "padded_visual_tokens": padded, "real_visual_tokens": int(sum(kept))}
     return ce_full.float().cpu(), out.view(B, G), stats
 
@@ -342,7 +453,9 @@ def rollout(
     cache: MutableMapping[Any, Tensor] | None = None,
     state_dtype: torch.dtype | None = None,
 ) -> RolloutBatch:
-    """Group rollouts for samples of one length (see module doc). ``generator``: a CPU generator
+    """Group rollouts for a batch of samples, of one length or several (module doc, *variable
+    length*: padded to the longest ``T'``, each sample scored and masked at its own length; one
+    length takes exactly the unpadded path). ``generator``: a CPU generator
     (masks are drawn on CPU from CPU logits, the same on every device). ``seed`` picks the QA pair.
     ``cache``: what does not depend on the policy, kept across steps and epochs (a dict or a
     :class:`pipeline.cache.ByteLRU`): ``X`` under the sample id, ``CE_full`` under
@@ -354,35 +467,50 @@ def rollout(
         raise ValueError("rollout: no samples")
     encoded = [encode_sample(adapter, s, cache) for s in samples]
     Xs = [x for x, _ in encoded]
-    shapes = {tuple(x.shape) for x in Xs}
-    if len(shapes) > 1:
+    grids = {tuple(x.shape[1:]) for x in Xs}
+    if len(grids) > 1:
         ids = [str(s["sample_id"]) for s in samples]
-        raise ValueError(f"rollout: samples {ids} have different token shapes {sorted(shapes)}; batch equal lengths")
-    X = torch.stack(Xs)  # [B, T', N, D]
-    side = stack_side([s for _, s in encoded])  # {} unless the family has side features (DeepStack)
+        raise ValueError(f"rollout: samples {ids} have different token grids / widths (N, D) {sorted(grids)}; "
+                         "frames must share one frame size")
+    lengths = [int(x.shape[0]) for x in Xs]
+    if len(set(lengths)) == 1:
+        steps = None
+        X = torch.stack(Xs)  # [B, T', N, D]
+        side = stack_side([s for _, s in encoded])  # {} unless the family has side features (DeepStack)
+    else:  # padded to the longest T'; `steps` says how much of each is real
+        steps = torch.tensor(lengths, dtype=torch.long)
+        X = pad_steps(Xs)
+        side = {k: pad_steps([s[k] for _, s in encoded]) for k in encoded[0][1]}
     B, T, N, _ = X.shape
+    valid = token_valid(steps, N, T)  # [B, M] or None
     _, gh, gw = adapter.visual_grid(T)  # (gh, gw) do not depend on the frame count
     pt = [select_target(s, seed, stage_cfg.resample_qa) for s in samples]
     prompts, targets = [p for p, _ in pt], [t for _, t in pt]
     state = X if state_dtype is None else X.to(state_dtype)
     dev = next(policy.parameters()).device
-    logits = policy(state.to(dev), (gh, gw)).float().cpu()  # [B, M]
+    logits = padded_logits(policy, state.to(dev), (gh, gw), steps).float().cpu()  # [B, M]
     shift = None
     if stage_cfg.rollout_budget is not None:
         # masks at an inference-like budget: r ~ U[lo, hi] per sample, logits shifted to keep r*M
+        # (M: the sample's own token count)
         lo, hi = stage_cfg.rollout_budget
         r = lo + (hi - lo) * torch.rand(B, generator=generator)
-        shift = budget_shift(logits, r * logits.shape[1])
+        if valid is None:
+            shift = budget_shift(logits, r * logits.shape[1])
+        else:
+            shift = budget_shift(logits, r * valid.sum(-1), valid=valid)
         logits = logits + shift[:, None]
+    if valid is not None:
+        logits = logits.masked_fill(~valid, 0.0)  # padded tokens: no decision, logit 0 by convention
     G = stage_cfg.group_size
-    masks = sample_masks(logits, G, generator)  # [B, G, M] bool
+    masks = sample_masks(logits, G, generator, valid)  # [B, G, M] bool, never a padded token
     # CE_full does not depend on the policy: cached per (sample, prompt, target) across epochs
     keys = [("ce_full", str(s["sample_id"]), p, t) for s, p, t in zip(samples, prompts, targets)]
     cached = None
     if cache is not None and all(k in cache for k in keys):
         cached = torch.stack([cache[k] for k in keys])
     ce_full, ce, _ = score_packed(adapter, X, masks, prompts, targets, side=side, ce_full=cached,
-                                  max_tokens=stage_cfg.score_max_tokens or None)
+                                  max_tokens=stage_cfg.score_max_tokens or None, steps=steps)
     if cache is not None:
         cache.update(zip(keys, ce_full.unbind(0)))
     return RolloutBatch(
@@ -393,12 +521,15 @@ def rollout(
         masks=pack_masks(masks),
         old_logits=logits,
         dce=delta_ce(ce_full, ce, stage_cfg.tau_abs, stage_cfg.tau_rel).float(),
-        rho=sparsity(masks).float(),
+        rho=sparsity(masks, valid).float(),
         ce_full=ce_full,
         ce=ce,
         prompts=prompts,
         targets=targets,
         shift=shift,
+        steps=steps,
+        num_frames=(torch.tensor([int(np.shape(s["frames"])[0]) for s in samples], dtype=torch.long)
+                    if all("frames" in s for s in samples) else None),
     )
 
 
@@ -433,17 +564,16 @@ def train_step(
     return m
 
 
-def batched_by_length(samples: Iterable[Mapping[str, Any]], batch_size: int) -> Iterator[list[Mapping[str, Any]]]:
-    """Batches of ``batch_size`` samples with equal frame shape, in arrival order of completion.
-    Leftover incomplete buckets are dropped at the end of a finite stream."""
-    buckets: dict[tuple, list] = {}
+def batched(samples: Iterable[Mapping[str, Any]], batch_size: int) -> Iterator[list[Mapping[str, Any]]]:
+    """Consecutive batches of ``batch_size`` samples in arrival order, whatever their frame counts
+    (:func:`rollout` pads a batch of several lengths), as the Ray stream re-blocks them. An
+    incomplete last batch is dropped at the end of a finite stream."""
+    batch: list[Mapping[str, Any]] = []
     for s in samples:
-        key = tuple(np.shape(s["frames"]))
-        bucket = buckets.setdefault(key, [])
-        bucket.append(s)
-        if len(bucket) == batch_size:
-            yield bucket
-            buckets[key] = []
+        batch.append(s)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
 
 
 def weights_sha(policy: torch.nn.Module) -> str:
@@ -496,15 +626,15 @@ def train_stage(
     log: Callable[[str], Any] | None = print,
     window: int | None = None,
 ) -> dict[str, Any]:
-    """Steps ``start_step .. stage_cfg.steps-1``: batches of equal-length samples from ``sample_iter``
-    -> :func:`train_step`. Writes every step's scalars to ``writer``; shows a tqdm bar with ETA;
+    """Steps ``start_step .. stage_cfg.steps-1``: batches of samples (any frame counts) from
+    ``sample_iter`` -> :func:`train_step`. Writes every step's scalars to ``writer``; shows a tqdm bar with ETA;
     prints one summary line. Returns ``{stage, steps_done, seconds, rollouts_per_s, first, last
     (metric means over the first/last ``window`` steps), start_sha, final_sha, exhausted, history}``."""
     from tqdm.auto import tqdm
 
     window = window or LearnerConfig().summary_window
     optimizer = optimizer if optimizer is not None else TorchOptimizer(policy, stage_cfg)
-    batches = batched_by_length(sample_iter, stage_cfg.batch_size)
+    batches = batched(sample_iter, stage_cfg.batch_size)
     start_sha = weights_sha(policy)
     history: list[dict[str, float]] = []
     exhausted = False
@@ -604,12 +734,16 @@ def iter_pseudo_videos_local(dcfg: DataConfig, seed: int, *, epochs: int | None 
                              f"(every shard has fewer than {dcfg.pseudo_images} good images)")
 
 
-def iter_videos_local(dcfg: DataConfig, *, epochs: int | None = None,
-                      quarantine: Counter | None = None) -> Iterator[dict[str, Any]]:
+def iter_videos_local(dcfg: DataConfig, *, epochs: int | None = None, quarantine: Counter | None = None,
+                      frame_multiple: int | None = None) -> Iterator[dict[str, Any]]:
     """Stage-2 samples from ``dcfg.video_shards`` in annotation order (the Ray stream's order),
-    cycling epochs; bad videos are counted once and skipped afterwards."""
+    cycling epochs; bad videos are counted once and skipped afterwards. Frames are sampled by
+    ``data.sampling`` (``frame_multiple``: the MLLM's temporal patch, over ``data.frame_multiple``)."""
     from pipeline.data import readers
     from pipeline.data.quarantine import BadSample
+    from pipeline.data.video import FrameSampling
+
+    sampling = FrameSampling.from_config(dcfg, frame_multiple)
 
     files = readers.list_video_annotations(dcfg.video_shards, dcfg.s3)
     if not files:
@@ -637,7 +771,7 @@ def iter_videos_local(dcfg: DataConfig, *, epochs: int | None = None,
             if rec["id"] in bad:
                 continue
             try:
-                v = readers.load_video(rec, dcfg.video_frames, dcfg.frame_size, dcfg.max_caption_words, dcfg.s3)
+                v = readers.load_video(rec, sampling, dcfg.frame_size, dcfg.max_caption_words, dcfg.s3)
             except BadSample as e:
                 _count(quarantine, e.reason)
                 bad.add(rec["id"])
@@ -671,15 +805,28 @@ def iter_world_pseudo_videos(wcfg: WorldConfig, dcfg: DataConfig) -> Iterator[di
         yield s
 
 
-def iter_world_videos(wcfg: WorldConfig, dcfg: DataConfig) -> Iterator[dict[str, Any]]:
-    """Endless stage-2 samples generated in-process from the world's ``train`` split
-    (``data.video_frames`` frames at ``data.frame_size``)."""
-    from pipeline.data.video import resize_rgb
+def iter_world_videos(wcfg: WorldConfig, dcfg: DataConfig, frame_multiple: int | None = None) -> Iterator[dict[str, Any]]:
+    """Endless stage-2 samples generated in-process from the world's ``train`` split at
+    ``data.frame_size``: uniform sampling renders ``data.video_frames`` frames; fps sampling
+    renders the world's own length (``world.frames``, or its range) at ``world.fps`` and samples
+    it as a decoded clip would be."""
+    from pipeline.data.video import FrameSampling, resize_rgb
     from pipeline.data.world import make_video, sample_rng
 
+    sampling = FrameSampling.from_config(dcfg, frame_multiple)
+    if sampling.mode == "fps" and (wcfg.frames_max or wcfg.frames) < sampling.lowest:
+        raise ValueError(f"world videos have at most {wcfg.frames_max or wcfg.frames} frames, fewer than "
+                         f"data.min_frames ({sampling.lowest}): every one would be too short")
     for i in itertools.count():
-        v = make_video(wcfg, sample_rng(wcfg.seed, "train", "video", i), frames=dcfg.video_frames)
-        frames = np.stack([resize_rgb(f, dcfg.frame_size) for f in v["frames"]])
+        if sampling.mode == "uniform":
+            v = make_video(wcfg, sample_rng(wcfg.seed, "train", "video", i), frames=dcfg.video_frames)
+            rendered = v["frames"]
+        else:
+            v = make_video(wcfg, sample_rng(wcfg.seed, "train", "video", i))
+            if len(v["frames"]) < sampling.lowest:  # too_short, as a decoded clip would be quarantined
+                continue
+            rendered = v["frames"][sampling.indices(len(v["frames"]), float(wcfg.fps))]
+        frames = np.stack([resize_rgb(f, dcfg.frame_size) for f in rendered])
         vid = f"vid-train-{wcfg.seed}-{i:06d}"
         yield {"sample_id": "vid:" + vid, "kind": "video", "frames": frames, "caption": v["caption"],
                "qa": json.dumps(v["qa"], sort_keys=True), "objects": json.dumps(v["objects"], sort_keys=True),
@@ -690,14 +837,18 @@ DataSource = Literal["auto", "shards", "world"]
 
 
 def stage_samples(stage: str, cfg: Config, *, source: DataSource = "auto",
-                  quarantine: Counter | None = None, log: Callable[[str], Any] | None = print) -> Iterator[dict[str, Any]]:
+                  quarantine: Counter | None = None, log: Callable[[str], Any] | None = print,
+                  frame_multiple: int | None = None) -> Iterator[dict[str, Any]]:
     """The sample stream of a stage: ``shards`` (cfg.data paths), ``world`` (generated in-process),
-    or ``auto`` (shards when the path holds any, else the world, said in one log line)."""
+    or ``auto`` (shards when the path holds any, else the world, said in one log line).
+    ``frame_multiple``: the MLLM's temporal patch for fps sampling (``data.frame_multiple`` if None)."""
     from pipeline.data import readers
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     d = cfg.data
+    if source in ("auto", "shards"):
+        _check_native(stage, d)
     if source == "auto":
         listed = (readers.list_image_shards(d.image_shards, d.s3) if stage == "pseudo_video"
                   else readers.list_video_annotations(d.video_shards, d.s3))
@@ -710,8 +861,24 @@ def stage_samples(stage: str, cfg: Config, *, source: DataSource = "auto",
             return iter_pseudo_videos_local(d, int(cfg.run.seed), quarantine=quarantine)
         return iter_world_pseudo_videos(cfg.world, d)
     if source == "shards":
-        return iter_videos_local(d, quarantine=quarantine)
-    return iter_world_videos(cfg.world, d)
+        return iter_videos_local(d, quarantine=quarantine, frame_multiple=frame_multiple)
+    return iter_world_videos(cfg.world, d, frame_multiple)
+
+
+def _check_native(stage: str, d: DataConfig) -> None:
+    """The single-process trainer reads the project's native shards only: other formats are a
+    config error here, not a silent fall-back to generated samples."""
+    from pipeline import storage
+    from pipeline.data import sources
+
+    kind = "image" if stage == "pseudo_video" else "video"
+    path = d.image_shards if kind == "image" else d.video_shards
+    if d.format == "native" or not (sources.llava.is_mixture(path) or storage.exists(path, d.s3)):
+        return
+    fmt = sources.format_of(d, kind)
+    if fmt != "native":
+        raise ConfigError(f"config: data.{kind}_shards: {fmt} data streams through Ray (jobs/train_stage.py, "
+                          "jobs/train_curriculum.py); the single-process trainer reads native shards")
 
 
 def _public(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -742,7 +909,8 @@ def train_curriculum_local(
         if init_from is not None:
             policy = ScorePolicy.from_pretrained(init_from, map_location=adapter.device)
         q: Counter = Counter()
-        samples = stage_samples(stage, cfg, source=source, quarantine=q, log=log)
+        samples = stage_samples(stage, cfg, source=source, quarantine=q, log=log,
+                                frame_multiple=adapter._frames_for(1))  # the temporal patch
         writer = MetricsWriter(out / "tensorboard" / stage) if tensorboard else None
         try:
             s = train_stage(adapter, policy, samples, scfg, stage_seed(seed, stage), writer, name=stage,
@@ -770,7 +938,7 @@ def train_curriculum_local(
 __all__ = [
     "RolloutBatch", "select_target", "parse_qa", "rollout", "encode_sample", "score_packed", "length_buckets",
     "train_step", "train_stage",
-    "train_curriculum_local", "batched_by_length", "weights_sha", "stage_seed", "step_generator", "init_policy",
+    "train_curriculum_local", "batched", "weights_sha", "stage_seed", "step_generator", "init_policy",
     "iter_pseudo_videos_local", "iter_videos_local", "iter_world_pseudo_videos", "iter_world_videos",
     "stage_samples",
 ]

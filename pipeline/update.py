@@ -7,6 +7,13 @@ skipped and counted, and the metrics. What differs between the two callers is on
 turned into a weight update, behind the three-method :class:`Optimizer` interface:
 :class:`TorchOptimizer` here (grad-norm clip + ``torch.optim``), ``DeepSpeedOptimizer`` in the
 learner (the engine's backward/step, gradients all-reduced across ranks).
+
+A batch whose samples differ in ``T'`` (``RolloutBatch.steps``) is updated as it was rolled out:
+the policy scores each sample at its own length (:func:`pipeline.policy.padded_logits`, so the
+ratio at unchanged weights is exactly 1 however Ray Data regrouped the records) and the loss,
+entropy, ratio and KL are means over real tokens only (``RolloutBatch.token_valid``); the
+advantages are per rollout and ``rho`` already counts each sample's own tokens. An equal-length
+batch runs the plain operations (no mask anywhere).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from pipeline.config import StageConfig
 from pipeline.loss import clipped_surrogate_loss
 from pipeline.metrics import mean_metrics
+from pipeline.policy import padded_logits
 from pipeline.rewards import split_advantage
 
 if TYPE_CHECKING:
@@ -38,6 +46,7 @@ VERSION, VERSION_LAG = "policy/version", "policy/version_lag"
 ROLLOUTS_PER_S = "rollouts/s"
 OBJECTIVE = "objective/safe_sparsity"  # mean of rho * [dCE > 0]: sparsity earned inside the safe zone
 SHIFT = "sparsity/logit_shift"  # mean logit shift b of budgeted rollouts (stage.rollout_budget)
+FRAMES_MIN, FRAMES_MAX = "data/frames_min", "data/frames_max"  # frames per sample in the batch (data.sampling: fps varies)
 SUMMARY_KEYS = (REWARD, DCE_MIN, SAFE_FRAC, KEPT, KEEP_PROB, ENTROPY, ROLLOUTS_PER_S)
 
 
@@ -62,6 +71,8 @@ def batch_metrics(batch: RolloutBatch, adv: Tensor | None = None) -> dict[str, f
     }
     if batch.shift is not None:
         m[SHIFT] = float(batch.shift.mean())
+    if batch.num_frames is not None:
+        m[FRAMES_MIN], m[FRAMES_MAX] = float(batch.num_frames.min()), float(batch.num_frames.max())
     if adv is not None:
         a = adv.float()
         m.update({ADV_MEAN: float(a.mean()), ADV_STD: float(a.std(unbiased=False)),
@@ -70,16 +81,18 @@ def batch_metrics(batch: RolloutBatch, adv: Tensor | None = None) -> dict[str, f
 
 
 def surrogate(policy: torch.nn.Module, X: Tensor, grid: tuple[int, int], masks: Tensor, old_logits: Tensor,
-              adv: Tensor, stage_cfg: StageConfig, shift: Tensor | None = None) -> dict[str, Tensor]:
+              adv: Tensor, stage_cfg: StageConfig, shift: Tensor | None = None, steps: Tensor | None = None,
+              valid: Tensor | None = None) -> dict[str, Tensor]:
     """Forward + clipped surrogate loss with entropy bonus (tensors already on the policy's device);
     ``policy`` may be a DeepSpeed engine. ``shift[B]``: the rollouts' logit shift (the same constant
-    in the current policy, so the ratio compares like with like). Returns
+    in the current policy, so the ratio compares like with like). ``steps[B]`` / ``valid[B, M]``:
+    a padded batch's lengths and real tokens (module doc); None for an equal-length batch. Returns
     :func:`~pipeline.loss.clipped_surrogate_loss`'s dict."""
-    logits = policy(X, grid)
+    logits = padded_logits(policy, X, grid, steps)
     if shift is not None:
         logits = logits + shift.to(logits.device, logits.dtype)[:, None]
     return clipped_surrogate_loss(logits.float(), masks, old_logits, adv, clip=stage_cfg.clip,
-                                  entropy_coef=stage_cfg.entropy)
+                                  entropy_coef=stage_cfg.entropy, valid=valid)
 
 
 class Optimizer(Protocol):
@@ -134,11 +147,13 @@ def ppo_update(opt: Optimizer, batch: RolloutBatch, stage_cfg: StageConfig, *, l
     metrics = batch_metrics(batch, adv)
     X, masks = batch.X.to(dev), batch.unpacked_masks().to(dev)
     old, adv_d = batch.old_logits.to(dev), adv.to(dev)
+    valid = batch.token_valid()
+    valid = None if valid is None else valid.to(dev)
     opt.module.train()
     passes: list[dict[str, float]] = []
     skipped = 0
     for _ in range(stage_cfg.ppo_epochs):
-        out = surrogate(opt.module, X, batch.grid, masks, old, adv_d, stage_cfg, batch.shift)
+        out = surrogate(opt.module, X, batch.grid, masks, old, adv_d, stage_cfg, batch.shift, batch.steps, valid)
         opt.backward(out["loss"] * loss_scale)
         grad_norm, stepped = opt.step()
         skipped += not stepped

@@ -49,6 +49,10 @@ def ray_cluster():
 
 from actors.ray_utils import free_port as _free_port  # noqa: E402
 
+# tests/serving runs in the serving venv (.venv-serve, vLLM; make test runs it there): never
+# collected here, where its conftest would shadow this one as the module `conftest`
+collect_ignore = ["serving"]
+
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):

@@ -248,4 +248,7 @@ def test_reason_vocabulary():
     # cases, plus too_few_images in test_data_stream.py), so no reason is dead
     exercised = {reason for _, reason in IMAGE_CASES.values()} | {reason for _, reason in VIDEO_CASES.values()}
     exercised |= {"unreadable_shard", "unexpected_error", "too_few_images"}
+    from test_bad_input_formats import FORMAT_REASONS  # the formats' reasons: LLaVA, WebDataset, HF parquet
+
+    exercised |= FORMAT_REASONS
     assert exercised == set(REASONS)

@@ -61,6 +61,56 @@ def test_prefill_rows_ratios():
 
 
 @pytest.mark.unit
+def test_deepstack_counts_in_prefill_flops():
+    """DeepStack's adds (levels x kept visual tokens x hidden) are part of the FLOPs, so a pruned
+    row's ratio counts the kept tokens' features; Qwen3-8B's analytic size is its published
+    ~6.95B non-embedding parameters."""
+    from benchmarks.shapes import QWEN3_8B, lm_dims_of, lm_params, mllm_prefill_flops, prefill_rows
+    from pipeline.evaluation import prefill_flops
+
+    dims = {"params": 1000, "layers": 3, "hidden": 8, "deepstack_levels": 3}
+    assert mllm_prefill_flops(dims, 50, 40) == prefill_flops(dims, 50) + 3 * 40 * 8
+    assert mllm_prefill_flops({k: v for k, v in dims.items() if k != "deepstack_levels"}, 50, 40) == prefill_flops(dims, 50)
+    rows = {r["retention"]: r for r in prefill_rows({1.0: 2.0, 0.1: 0.5}, dims, full_len=110, tokens=100)}
+    ratio = (prefill_flops(dims, 20) + 3 * 10 * 8) / (prefill_flops(dims, 110) + 3 * 100 * 8)
+    assert rows[0.1]["flops_ratio"] == pytest.approx(ratio, abs=1e-5)
+    assert 6.9e9 < lm_params(QWEN3_8B) < 7.0e9
+    assert lm_dims_of(QWEN3_8B, 1, deepstack_levels=3)["deepstack_levels"] == 1  # level l follows layer l
+    assert lm_dims_of(QWEN3_8B, deepstack_levels=3) == {"params": lm_params(QWEN3_8B), "layers": 36, "hidden": 4096,
+                                                        "deepstack_levels": 3}
+
+
+@pytest.mark.slow
+def test_family_shapes_are_the_real_classes_and_layouts():
+    """Qwen3-VL-8B / InternVL3.5-8B shapes build the families' real classes through their adapters:
+    analytic LM size = what lm_dims counts, each family's own grid (32 frames -> 16x256 for Qwen3-VL,
+    32x256 for InternVL) and prompt layout (a timestamp + markers per step; "FrameK: <img>...</img>")."""
+    from benchmarks.shapes import FAMILY_SHAPES, build_family_mllm, lm_dims_of
+    from pipeline.data.prompts import qa_prompt
+    from pipeline.evaluation import lm_dims
+
+    prompt = qa_prompt("what color is the circle ?")
+    for name, cls, grid, levels in (("qwen3-vl-8b", "Qwen3VLForConditionalGeneration", (16, 16, 16), 1),
+                                    ("internvl3.5-8b", "InternVLForConditionalGeneration", (32, 16, 16), 0)):
+        shape = FAMILY_SHAPES[name]
+        ad = build_family_mllm(shape, 1)
+        assert type(ad.model).__name__ == cls, name
+        dims = lm_dims(ad)
+        assert dims == lm_dims_of(shape.lm, 1), name
+        assert getattr(ad, "deepstack_levels", 0) == levels, name
+        assert ad.visual_grid(32) == grid, name
+        T, N = grid[0], grid[1] * grid[2]
+        tpl = ad._template(prompt, None, T, N)
+        assert int((tpl.slot >= 0).sum()) == T * N, name
+        text = ad.tokenizer.convert_ids_to_tokens(tpl.ids[tpl.slot < 0].tolist())
+        if name == "qwen3-vl-8b":
+            assert text.count("<|vision_start|>") == text.count("<|vision_end|>") == text.count("seconds") == 16
+        else:
+            assert text.count("<img>") == text.count("</img>") == text.count("frame") == 32
+        del ad
+
+
+@pytest.mark.unit
 def test_length_buckets_cover_rows_within_budget():
     from pipeline.trainer import length_buckets
 
@@ -132,6 +182,33 @@ def test_report_keeps_notes_after_marker(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- the job
+@pytest.mark.slow
+def test_benchmark_prefill_family_rows(tmp_path):
+    """``--sections prefill`` prints and reports the Qwen3-VL-8B and InternVL3.5-8B rows (quick: 2
+    frames at each family's own grid, 1 of 36 layers on a CPU): structure only, not wall time."""
+    out, js = tmp_path / "B.md", tmp_path / "b.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--quick", "--sections", "prefill", "--lms", "",
+                        "--families", "qwen3-vl-8b,internvl3.5-8b", "--out", str(out), "--json-out", str(js)],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    pre = json.loads(js.read_text())["prefill"]
+    assert set(pre) == {"score-tiny", "qwen3-vl-8b", "internvl3.5-8b"}
+    for name, steps, levels in (("qwen3-vl-8b", 1, 1), ("internvl3.5-8b", 2, 0)):
+        m = pre[name]
+        assert (m["hidden"], m["full_layers"], m["tokens_per_frame"], m["video_frames"]) == (4096, 36, 256, 2), name
+        assert m["frames"] == steps and m["visual_tokens"] == steps * 256, name
+        assert (m["deepstack_levels"], m["deepstack_levels_full_depth"]) == (levels, 3 if levels else 0), name
+        assert m["full_length"] > m["visual_tokens"] + steps, name  # the per-step/per-frame text is there
+        assert [r["retention"] for r in m["rows"]] == [1.0, 0.5, 0.25, 0.1, 0.05], name
+        limits = [r["flops_limit"] for r in m["rows"]]
+        assert limits[0] == 1.0 and limits == sorted(limits), name
+        assert all(r["prefill_ms"] > 0 and r["speedup"] > 0 for r in m["rows"]), name
+    md = out.read_text()
+    assert "| qwen3-vl-8b (1/36, 1x256, 2 frames) | 10% |" in md and "| internvl3.5-8b (1/36, 2x256, 2 frames) | 10% |" in md
+    assert "DeepStack levels run: 1 of 3" in md
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_benchmark_quick_end_to_end(tmp_path):

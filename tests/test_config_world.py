@@ -40,6 +40,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         ("stage.real_video.steps=-1", "config: stage.real_video.steps: Input should be greater than or equal to 1"),
         ("world.size=63", "config: world.size: must be even"),
         ("world.background=mars", "config: world.background: Input should be"),
+        ("world.max_objects=5", "config: world: max_objects=5: a scene's objects have distinct shapes and colours"),
         ("rollout.max_actors=0", "config: rollout.max_actors"),
         ("validation.retentions=[0.1,1.5]", "config: validation.retentions: every retention must be in (0, 1]"),
         ("rollout.max_staleness=0", "config: rollout.max_staleness (0) is below learner.prefetch_batches (1)"),

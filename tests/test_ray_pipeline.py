@@ -90,9 +90,11 @@ def test_filter_stale_drops_and_counts():
     kept, dropped = filter_stale(recs, current_version=5, max_staleness=0)
     assert [r["policy_version"] for r in kept] == [5, 6] and dropped == 4
     assert filter_stale([], 3, 1) == ([], 0)
-    odd = recs[:2] + [{"policy_version": 0, "X": np.zeros((3, 4, 3)), "mask_bits": np.zeros((4, 2))}]
+    # another T' joins the batch (padded); another token grid N cannot
+    longer = {"policy_version": 0, "X": np.zeros((3, 4, 3)), "mask_bits": np.zeros((4, 2))}
+    odd = recs[:2] + [longer, {"policy_version": 0, "X": np.zeros((2, 5, 3)), "mask_bits": np.zeros((4, 2))}]
     group, left_out = largest_shape_group(odd)
-    assert len(group) == 2 and left_out == 1
+    assert len(group) == 3 and any(r is longer for r in group) and left_out == 1
 
 
 @pytest.mark.unit

@@ -212,15 +212,6 @@ def test_byte_lru_bounds_bytes_and_counts():
 
 
 @pytest.mark.unit
-def test_rollout_rejects_mixed_lengths(llava):
-    pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
-    with pytest.raises(ValueError, match="different token shapes"):
-        tr.rollout(llava, pol, [make_sample(0, 4), make_sample(1, 3)], stage_cfg(), tr.step_generator(0, 0))
-    got = list(tr.batched_by_length(iter([make_sample(0, 4), make_sample(1, 3), make_sample(2, 4), make_sample(3, 3)]), 2))
-    assert [[s["sample_id"] for s in b] for b in got] == [["vid:0", "vid:2"], ["vid:1", "vid:3"]]
-
-
-@pytest.mark.unit
 def test_learn_step_metrics_and_update(llava):
     scfg = stage_cfg(ppo_epochs=2)
     pol = tr.init_policy(llava.hidden_size, SMALL_POLICY, 0)
@@ -296,7 +287,7 @@ class ObjectTokenMLLM:
     def visual_grid(self, t: int) -> tuple[int, int, int]:
         return (t, 2, 2)
 
-    def encode_video(self, frames) -> torch.Tensor:
+    def encode_video_with_side(self, frames) -> tuple[torch.Tensor, dict]:
         f = torch.as_tensor(np.asarray(frames)).float() / 255.0  # [T, 16, 16, 3]
         cells = f.reshape(f.shape[0], 2, 8, 2, 8, 3).mean((2, 4, 5)).reshape(f.shape[0], 4)
         obj = (cells > 0.5).float()
@@ -305,9 +296,9 @@ class ObjectTokenMLLM:
         X = noise
         X[..., 0] += 3.0 * obj
         X[..., 1] += cells
-        return X
+        return X, {}
 
-    def score(self, X, keep, prompts, targets) -> torch.Tensor:
+    def score(self, X, keep, prompts, targets, side=None) -> torch.Tensor:
         obj = (X[..., 0] > 1.5).flatten(1)  # [B, M]
         dropped = (obj[:, None, :] & ~keep).float().sum(-1)
         return 1.0 + 2.0 * dropped / obj.float().sum(-1, keepdim=True).clamp(min=1)
@@ -339,7 +330,7 @@ def test_learns_to_keep_the_tokens_that_matter():
     assert last[up.KEPT] < 0.45 < first[up.KEPT] - 0.3, (first[up.KEPT], last[up.KEPT])
     assert last[up.SAFE_FRAC] >= 0.9 > first[up.SAFE_FRAC] + 0.2, (first[up.SAFE_FRAC], last[up.SAFE_FRAC])
     v = next(object_videos(1))
-    X = ad.encode_video(v["frames"])
+    X, _ = ad.encode_video_with_side(v["frames"])
     with torch.no_grad():
         p = torch.sigmoid(pol(X, (2, 2)))
     obj = (X[..., 0] > 1.5).flatten()

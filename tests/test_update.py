@@ -144,3 +144,59 @@ def test_deepspeed_skips_a_nonfinite_gradient(one_rank, zero_stage):
     assert weights_sha(opt.engine.module) == before
     m = up.ppo_update(opt, make_batch(pol), scfg())
     assert m[up.SKIPPED] == 0 and weights_sha(opt.engine.module) != before
+
+
+# ------------------------------------------------------------------------------ variable lengths
+
+
+def make_mixed_batch(policy: torch.nn.Module, seed: int = 0) -> RolloutBatch:
+    """:func:`make_batch` with samples of T' = 2, 1, 3: X zero-padded to 3 steps, masks drawn from
+    each sample's own logits (pipeline.policy.padded_logits), never on a padded token."""
+    from pipeline.policy import padded_logits
+    from pipeline.trainer import pad_steps, token_valid
+
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.tensor([2, 1, 3])
+    X = pad_steps([torch.randn(int(t), GH * GW, D, generator=g) for t in steps])
+    valid = token_valid(steps, GH * GW, 3)
+    with torch.no_grad():
+        logits = padded_logits(policy, X, (GH, GW), steps).float().masked_fill(~valid, 0.0)
+    masks = sample_masks(logits, G, g, valid)
+    ce = torch.rand(B, G, generator=g) + 1.0
+    ce_full = torch.full((B,), 1.2)
+    return RolloutBatch(sample_ids=[f"s{i}" for i in range(B)], policy_version=torch.zeros(B, dtype=torch.long),
+                        X=X, grid=(GH, GW), masks=pack_masks(masks), old_logits=logits,
+                        dce=(ce_full[:, None] + 0.05 - ce), rho=sparsity(masks, valid).float(), ce_full=ce_full, ce=ce,
+                        prompts=["p"] * B, targets=["t"] * B, steps=steps,
+                        num_frames=steps * 2)
+
+
+@pytest.mark.unit
+def test_torch_optimizer_on_a_mixed_length_batch():
+    pol = init_policy(D, SMALL_POLICY, 0)
+    batch, before = make_mixed_batch(pol), weights_sha(pol)
+    m = up.ppo_update(up.TorchOptimizer(pol, scfg()), batch, scfg())
+    assert weights_sha(pol) != before and m[up.SKIPPED] == 0 and math.isfinite(m[up.GRAD_NORM])
+    assert (m[up.FRAMES_MIN], m[up.FRAMES_MAX]) == (2.0, 6.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_deepspeed_and_torch_take_the_same_update_on_mixed_lengths(one_rank, zero_stage):
+    """The DeepSpeed engine runs one forward per length group (padded_logits) and one backward:
+    the same update as the torch path, on batches whose samples differ in T'."""
+    cfg = scfg(max_grad_norm=0.01)
+    ref = init_policy(D, SMALL_POLICY, 0)
+    pol = copy.deepcopy(ref)
+    torch_opt, ds_opt = up.TorchOptimizer(ref, cfg), deepspeed_optimizer(pol, zero_stage, cfg)
+    for step, seed in enumerate(range(3)):
+        b = make_mixed_batch(ref, seed)
+        torch_opt.set_lr(up.lr_at(step, cfg))
+        ds_opt.set_lr(up.lr_at(step, cfg))
+        m_ref, m_ds = up.ppo_update(torch_opt, b, cfg), up.ppo_update(ds_opt, b, cfg)
+        for k in (up.LOSS, up.GRAD_NORM, up.KEEP_PROB, up.APPROX_KL, up.REWARD, up.ADV_STD):
+            assert m_ds[k] == pytest.approx(m_ref[k], rel=1e-4, abs=1e-6), (step, k)
+    for (k, a), b in zip(ref.state_dict().items(), ds_opt.engine.module.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert weights_sha(ref) != weights_sha(init_policy(D, SMALL_POLICY, 0))
+

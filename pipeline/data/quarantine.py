@@ -23,6 +23,16 @@ REASONS: dict[str, str] = {
     "bad_shape": "frame size/shape unusable or not what the annotation declares",
     "too_few_images": "a shard has fewer good images than one pseudo-video needs (data.pseudo_images)",
     "unexpected_error": "any other exception while building the sample",
+    # conversations (LLaVA-style records, pipeline/data/conversations.py) and other formats
+    "text_only": "a record names no video or image (a text-only conversation)",
+    "no_assistant_turn": "a conversation has no assistant (gpt) turn with text: nothing to score",
+    "no_media_token": "no human turn of a conversation holds the media token (<image> or <video>)",
+    "many_media_tokens": "a conversation holds the media token more than once (one video per sample)",
+    "empty_turn": "a conversation turn has an empty or blank value",
+    "unknown_role": "a conversation turn's 'from' is not human, gpt or system",
+    "not_a_video": "a WebDataset sample of the video stage has no video member (mp4, webm, mkv, avi, mov)",
+    "not_an_image": "a WebDataset sample of the image stage has no image member (jpg, jpeg, png, webp)",
+    "too_short": "a video has fewer frames than data.min_frames",
 }
 
 class BadSample(Exception):

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline import storage
 from pipeline.config import S3Config
+from pipeline.data import conversations
 from pipeline.data.quarantine import BadSample
 from pipeline.data.video import check_frame_shape, decode_video, resize_rgb
 
@@ -139,12 +140,22 @@ def iter_image_shard(path: str, s3: S3Config | None = None, batch_rows: int = 25
         f.close()
 
 
-def load_image(row: dict, size: int, max_words: int) -> dict:
-    """A shard row -> ``{id, image: uint8[size,size,3], caption, objects}`` (caption checked first)."""
+def load_image(row: dict, size: int, max_words: int, s3: S3Config | None = None) -> dict:
+    """A shard row -> ``{id, image: uint8[size,size,3], caption, objects}`` (caption checked first).
+
+    Rows of every format (:mod:`pipeline.data.sources`): the image is the row's ``image`` bytes,
+    else the file at ``image_path`` (``missing_file`` when it is not there); the caption is the
+    row's ``caption``, else its LLaVA ``conversations``' assistant turns joined (checked first)."""
     if not row.get("id"):
         raise BadSample("bad_annotation", "read", "row without id")
-    caption = check_caption(row.get("caption"), max_words)
-    image = resize_rgb(decode_image(row.get("image")), size)
+    caption = row.get("caption")
+    if row.get("conversations") is not None:
+        caption = conversations.caption_of(conversations.from_llava(row["conversations"]))
+    caption = check_caption(caption, max_words)
+    data = row.get("image")
+    if not data and row.get("image_path"):
+        data = read_media_bytes(row["image_path"], s3)
+    image = resize_rgb(decode_image(data), size)
     return {"id": str(row["id"]), "image": image, "caption": caption, "objects": row.get("objects")}
 
 
@@ -226,10 +237,29 @@ def read_clip_bytes(path: str, s3: S3Config | None = None) -> bytes:
         raise BadSample("corrupt_video", "read", f"{type(e).__name__}: {e}"[:300]) from None
 
 
-def load_video(record: dict, num_frames: int, size: int, max_words: int, s3: S3Config | None = None) -> dict:
-    """An index record -> ``{id, frames: uint8[T,S,S,3], caption, qa, objects}`` (caption checked first)."""
+def read_media_bytes(path: str, s3: S3Config | None = None) -> bytes:
+    """An image file a record points at (``missing_file`` / ``unreadable_shard`` on failure)."""
+    try:
+        return storage.read_bytes(path, s3)
+    except Exception as e:  # noqa: BLE001
+        raise _read_error(e, path) from None
+
+
+def load_video(record: dict, num_frames: Any, size: int, max_words: int, s3: S3Config | None = None,
+               decoder: str = "pyav") -> dict:
+    """An index record -> ``{id, frames: uint8[T,S,S,3], caption, qa, objects}`` (caption checked first).
+
+    The clip is ``record["data"]`` when the record carries its bytes (a WebDataset member), else
+    the file at ``record["video"]``; ``num_frames`` an int (uniform) or a ``FrameSampling``;
+    ``decoder`` one of :data:`pipeline.data.decoders.DECODERS`."""
     caption = check_caption(record.get("caption"), max_words)
-    data = read_clip_bytes(record["video"], s3)
+    data = record["data"] if record.get("data") is not None else read_clip_bytes(record["video"], s3)
     hw = record.get("hw")
-    frames = decode_video(data, num_frames, size, expect_hw=tuple(hw) if hw else None)
+    expect = tuple(hw) if hw else None
+    if decoder == "pyav":
+        frames = decode_video(data, num_frames, size, expect_hw=expect)
+    else:
+        from pipeline.data.decoders import decode
+
+        frames = decode(data, num_frames, size, expect, decoder)
     return {"id": record["id"], "frames": frames, "caption": caption, "qa": record["qa"], "objects": record["objects"]}

@@ -17,18 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import WorldConfig
-from pipeline.data.shards import write_image_shard, write_video_shard
+from pipeline.config import COLORS, SHAPES, WorldConfig
+from pipeline.data.shards import write_video_shard
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 25, 25),
-    "green": (20, 190, 40),
-    "blue": (30, 70, 240),
-    "yellow": (245, 225, 20),
-    "purple": (160, 40, 210),
-    "white": (250, 250, 250),
-}
-SHAPES = ("circle", "square", "triangle", "cross")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 QUESTION_TYPES = ("color", "shape", "direction", "change", "order")
 SPLITS = {"eval": 0, "train": 1, "test": 2, "val": 3}
@@ -283,7 +274,11 @@ def _questions(rng: np.random.Generator, objs: list[Obj]) -> list[dict[str, Any]
 
 
 def make_video(cfg: WorldConfig, rng: np.random.Generator, frames: int | None = None) -> dict[str, Any]:
-    """One video sample: frames uint8 [T,S,S,3], caption, qa list, object tracks."""
+    """One video sample: frames uint8 [T,S,S,3], caption, qa list, object tracks. ``T``: ``frames``,
+    else ``cfg.frames``, or with ``cfg.frames_max`` a count drawn first from ``rng`` in
+    ``[frames, frames_max]`` (no draw without a range, so a world without one is unchanged)."""
+    if frames is None and cfg.frames_max is not None:
+        frames = int(rng.integers(cfg.frames, cfg.frames_max + 1))
     frames = frames or cfg.frames
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     motions = [str(rng.choice(cfg.motion)) for _ in range(n)]
@@ -339,23 +334,28 @@ def make_image(cfg: WorldConfig, rng: np.random.Generator) -> dict[str, Any]:
             "objects": [{"id": o.id, "shape": o.shape, "color": o.color, "box": o.boxes[0]} for o in objs]}
 
 
-def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> dict[str, int]:
+def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True, fmt: str = "native") -> dict[str, int]:
     """Write the training material from the ``train`` split, ``out/images/shard-*.parquet`` and
     ``out/videos/{clips/*.mp4, annotations-*.jsonl}``, and the evaluation set from the disjoint
     ``eval`` split, ``out/heldout/videos/`` (``cfg.heldout_videos`` videos, never trained on: not
     by score-tiny, which draws fresh ``train`` samples, nor by the policy, which reads ``videos/``),
     and the validation set from the disjoint ``val`` split, ``out/val/videos/`` (``cfg.val_videos``;
-    what ``jobs/select_policy.py`` chooses the final policy on, so the eval split stays unseen)."""
+    what ``jobs/select_policy.py`` chooses the final policy on, so the eval split stays unseen).
+    ``fmt``: the format of ``images/`` and ``videos/`` (:mod:`pipeline.data.world_formats`:
+    native, llava, webdataset); the held-out and validation videos are always native."""
     from tqdm import tqdm
 
+    from pipeline.data.world_formats import WorldWriter
+
     out = Path(out)
+    writer = WorldWriter(fmt, out, {"images": -(-cfg.images // cfg.shard_size), "videos": -(-cfg.videos // cfg.shard_size)})
     n_img_shards = 0
     for start in tqdm(range(0, cfg.images, cfg.shard_size), desc="image shards", disable=not progress):
         recs = []
         for i in range(start, min(start + cfg.shard_size, cfg.images)):
             s = make_image(cfg, sample_rng(cfg.seed, "train", "image", i))
             recs.append({"id": f"img-train-{cfg.seed}-{i:06d}", **s})
-        write_image_shard(out / "images" / f"shard-{n_img_shards:05d}.parquet", recs)
+        writer.images(n_img_shards, recs)
         n_img_shards += 1
     shards = {}
     splits = (("train", out / "videos", cfg.videos), ("eval", out / HELDOUT, cfg.heldout_videos), ("val", out / VAL, cfg.val_videos))
@@ -366,13 +366,17 @@ def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> 
             for i in range(start, min(start + cfg.shard_size, count)):
                 s = make_video(cfg, sample_rng(cfg.seed, split, "video", i))
                 recs.append({"id": f"vid-{split}-{cfg.seed}-{i:06d}", **s})
-            write_video_shard(folder, n, recs, fps=cfg.fps)
+            if split == "train":
+                writer.videos(n, recs, fps=cfg.fps)
+            else:
+                write_video_shard(folder, n, recs, fps=cfg.fps)
             n += 1
         shards[split] = n
+    writer.close()
     (out / "world.json").write_text(cfg.model_dump_json(indent=2) + "\n")
     return {"images": cfg.images, "videos": cfg.videos, "heldout_videos": cfg.heldout_videos, "val_videos": cfg.val_videos,
             "image_shards": n_img_shards, "video_shards": shards["train"], "heldout_shards": shards["eval"],
-            "val_shards": shards["val"]}
+            "val_shards": shards["val"], "format": fmt}
 
 
 HELDOUT = "heldout/videos"  # under a world directory: the evaluation videos (eval split)

@@ -454,16 +454,10 @@ class MLLMAdapter(ABC):
         valid_f = slot_f != _PAD
         pos_f = self._full_positions(ids_f, slot_f, valid_f, grid)  # [P, U, Lf]
 
-        # full embeddings per unit: token embeddings, visual slots overwritten by features
-        emb_f = self.embed_tokens(ids_f)
-        vis_u = vis[unit_sample.to(dev)].to(emb_f.dtype)  # [U, TN+E, D]
-        is_vis = slot_f >= 0
-        gathered = torch.gather(vis_u, 1, slot_f.clamp(min=0).unsqueeze(-1).expand(-1, -1, emb_f.shape[-1]))
-        emb_f = torch.where(is_vis.unsqueeze(-1), gathered, emb_f)
-
         # which full positions each row keeps
         row_unit = row_unit.to(dev)
         row_keep = row_keep.to(dev).bool()
+        is_vis = slot_f >= 0
         always = (slot_f == _TEXT) | (slot_f >= tn)  # text and extras
         vis_slot = is_vis & (slot_f < tn)
         slot_r = slot_f[row_unit]
@@ -474,8 +468,15 @@ class MLLMAdapter(ABC):
         order = torch.sort((~keep_f).to(torch.int8), dim=1, stable=True).indices[:, :Lmax]  # kept first, in order
         am = torch.arange(Lmax, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
         ru = row_unit.unsqueeze(1)
-        embeds = emb_f[ru, order]
-        input_ids = torch.where(am, ids_f[ru, order], self.pad_token_id)
+        # embeddings of the gathered positions only (a pruned row embeds K tokens, not the full
+        # sequence): token embeddings, visual slots taken from the visual table
+        ids_k, slot_k = ids_f[ru, order], slot_f[ru, order]
+        emb = self.embed_tokens(ids_k)
+        width = vis.shape[1]
+        flat = (unit_sample.to(dev)[row_unit].unsqueeze(1) * width + slot_k.clamp(min=0)).flatten()
+        feats = vis.reshape(-1, vis.shape[-1]).index_select(0, flat).view(*slot_k.shape, -1).to(emb.dtype)
+        embeds = torch.where((slot_k >= 0).unsqueeze(-1), feats, emb)
+        input_ids = torch.where(am, ids_k, self.pad_token_id)
         target = tgt_f[ru, order] & am
         if self.compact_positions:
             pos = torch.arange(Lmax, device=dev).expand(self.position_dims, len(row_unit), Lmax)
@@ -484,7 +485,6 @@ class MLLMAdapter(ABC):
         pos = pos.masked_fill(~am.unsqueeze(0), 0)
         if self.position_dims == 1:
             pos = pos[0]
-        slot_k = slot_f[ru, order]
         visual = am & (slot_k >= 0) & (slot_k < tn)  # kept tokens of X (not the extras)
         kept_side = {}
         if side:

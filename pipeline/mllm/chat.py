@@ -37,11 +37,30 @@ ROLES = ("system", "user", "assistant")
 Conversation = tuple[tuple[str, str], ...]
 
 
+class ChatPrompt(str):
+    """A conversation prompt (messages) that is also its JSON text, so it travels wherever a
+    prompt string does (rollout records, Ray Data columns, memo keys) and renders as the
+    conversation it is. ``ChatPrompt([{"role": "user", "content": "<video> hi"}])``."""
+
+    messages: tuple[tuple[str, str], ...]
+
+    def __new__(cls, messages: Sequence[Mapping[str, str]]) -> "ChatPrompt":
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        obj = super().__new__(cls, json.dumps(msgs, ensure_ascii=False))
+        obj.messages = tuple((m["role"], m["content"]) for m in msgs)
+        return obj
+
+    def __reduce__(self):  # pickles (Ray) as its messages, not as a bare str
+        return ChatPrompt, ([{"role": r, "content": c} for r, c in self.messages],)
+
+
 def conversation(prompt: str | Sequence[Mapping[str, str]], target: str | None = None) -> Conversation:
-    """Normalize ``prompt`` (a user turn's text, or a sequence of messages) and an optional target
-    (one more assistant turn) into a checked :data:`Conversation` (ValueError/TypeError naming
-    the problem)."""
-    if isinstance(prompt, str):
+    """Normalize ``prompt`` (a user turn's text, a :class:`ChatPrompt`, or a sequence of messages)
+    and an optional target (one more assistant turn) into a checked :data:`Conversation`
+    (ValueError/TypeError naming the problem)."""
+    if isinstance(prompt, ChatPrompt):
+        turns = list(prompt.messages)
+    elif isinstance(prompt, str):
         turns = [("user", prompt)]
     elif isinstance(prompt, (list, tuple)):
         turns = []

@@ -56,21 +56,55 @@ def check_model_dir(cfg: Config) -> None:
     Qwen3-VL's DeepStack layers), and every frame count the stage streams is a multiple of the
     temporal patch (``vision_config.temporal_patch_size``, 2 for the Qwen families: their
     processor would repeat the last frame to fill a step, a pseudo-video step would mix two
-    images, and the Qwen3 timestamps of the padded step would not be the processor's)."""
+    images, and the Qwen3 timestamps of the padded step would not be the processor's). With
+    ``data.sampling: fps`` the counts vary per video: ``data.frame_multiple`` (when set) must be a
+    multiple of the temporal patch, and ``min_frames``/``max_frames`` must leave a count."""
     from pipeline import storage
+    from pipeline.data.video import FrameSampling
 
     if storage.is_s3(cfg.mllm.path):
         return
     kind, _ = inspect_model_dir(cfg.mllm.path)
     config = _read_config(Path(cfg.mllm.path) / "config.json")
     registry.family(kind).adapter.check_config(config)
-    vision = config.get("vision_config") or {}
-    tp = int(vision.get("temporal_patch_size") or 1)
-    counts = {"data.video_frames": cfg.data.video_frames, "data.pseudo_repeat": cfg.data.pseudo_repeat}
+    tp = _temporal_patch(config)
+    counts = {"data.pseudo_repeat": cfg.data.pseudo_repeat}
+    if cfg.data.sampling == "uniform":
+        counts["data.video_frames"] = cfg.data.video_frames
+    elif cfg.data.frame_multiple:
+        counts["data.frame_multiple"] = cfg.data.frame_multiple
     for name, n in counts.items():
         if n % tp:
             raise ConfigError(f"{name}={n}: {cfg.mllm.path} merges every {tp} frames into one token step; "
                               f"use a multiple of {tp}")
+    try:
+        FrameSampling.from_config(cfg.data, tp)
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+
+
+def _temporal_patch(config: dict) -> int:
+    """Frames the vision tower merges into one token step (``vision_config.temporal_patch_size``; 1 without)."""
+    vision = config.get("vision_config") or {}
+    return int(vision.get("temporal_patch_size") or 1)
+
+
+def temporal_patch(path: str, s3: S3Config | None = None) -> int:
+    """:func:`_temporal_patch` of the model at ``path`` (local or ``s3://``: its config.json only)."""
+    from pipeline import storage
+
+    if storage.is_s3(path):
+        return _temporal_patch(json.loads(storage.read_bytes(storage.join(path, "config.json"), s3)))
+    return _temporal_patch(_read_config(Path(path) / "config.json"))
+
+
+def resolve_frame_multiple(cfg: Config) -> Config:
+    """``cfg`` with ``data.frame_multiple`` set to the MLLM's temporal patch when it is 0 (auto), so
+    the Ray Data tasks, which never load the model, sample frame counts the model can merge."""
+    if cfg.data.sampling != "fps" or cfg.data.frame_multiple:
+        return cfg
+    data = cfg.data.model_copy(update={"frame_multiple": temporal_patch(cfg.mllm.path, cfg.data.s3)})
+    return cfg.model_copy(update={"data": data})
 
 
 def _read_config(path: Path) -> dict:
