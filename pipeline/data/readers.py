@@ -98,13 +98,9 @@ def decode_image(data: bytes | None) -> np.ndarray:
     return arr
 
 
-def iter_image_shard(path: str, s3: S3Config | None = None, batch_rows: int = 256) -> Iterator[dict]:
-    """Rows ``{id, image: bytes, caption, objects}`` of one parquet shard, in file order.
-
-    Opening a missing, empty, truncated or non-parquet shard, or a schema without the required
-    columns, raises ``BadSample`` before any row; a read error mid-file raises it after the rows
-    that did read (the caller quarantines the rest of the shard).
-    """
+def open_parquet(path: str, s3: S3Config | None = None) -> tuple[Any, pq.ParquetFile]:
+    """``(open file, ParquetFile)`` of one shard; a missing, empty, truncated or non-parquet shard
+    raises ``BadSample`` (the caller closes the file)."""
     try:
         fs, p = storage.filesystem(path, s3)
         info = fs.get_file_info(p)
@@ -113,11 +109,21 @@ def iter_image_shard(path: str, s3: S3Config | None = None, batch_rows: int = 25
         if info.size == 0:
             raise BadSample("empty_file", "read", "zero-length parquet shard")
         f = fs.open_input_file(p)
-        pf = pq.ParquetFile(f)
+        return f, pq.ParquetFile(f)
     except BadSample:
         raise
     except Exception as e:  # noqa: BLE001 - any open failure quarantines the shard
         raise _read_error(e, path) from None
+
+
+def iter_image_shard(path: str, s3: S3Config | None = None, batch_rows: int = 256) -> Iterator[dict]:
+    """Rows ``{id, image: bytes, caption, objects}`` of one parquet shard, in file order.
+
+    Opening a missing, empty, truncated or non-parquet shard, or a schema without the required
+    columns, raises ``BadSample`` before any row; a read error mid-file raises it after the rows
+    that did read (the caller quarantines the rest of the shard).
+    """
+    f, pf = open_parquet(path, s3)
     names = set(pf.schema_arrow.names)
     missing = [c for c in IMAGE_REQUIRED if c not in names]
     if missing:

@@ -180,19 +180,7 @@ def iter_hf_image_shard(path: str, s3: S3Config | None = None, folder: str | Non
     feature; a path without bytes is read from ``folder``, default the shard's folder) or plain
     bytes; the caption from ``caption`` / ``text`` or LLaVA ``conversations``; ``id`` when the
     shard has one, else ``<file>:<row>`` (stable: the row's place in the file)."""
-    try:
-        fs, p = storage.filesystem(path, s3)
-        info = fs.get_file_info(p)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(path)
-        if info.size == 0:
-            raise BadSample("empty_file", "read", "zero-length parquet shard")
-        f = fs.open_input_file(p)
-        pf = pq.ParquetFile(f)
-    except BadSample:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise readers._read_error(e, path) from None
+    f, pf = readers.open_parquet(path, s3)
     names = pf.schema_arrow.names
     try:
         img_col, cap_col = hf_columns(names)
