@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
               "prefill_s": round(out["prefill_s"], 6), "policy_s": round(out["policy_s"], 6),
               "encode_s": round(out["encode_s"], 6)}
     if args.repeats > 0:
-        cost = deployed_rounds(cm.adapter, lambda: cm.encode(frames), lambda X: cm.select(X)[0],
-                               as_prompt(cm.adapter, args.question), args.repeats)
+        prompt = as_prompt(cm.adapter, args.question)
+        cost = deployed_rounds(cm.adapter, lambda: cm.encode(frames), lambda X: cm.select(X, prompt=prompt)[0],
+                               prompt, args.repeats)
         sel_s, kept_s, full_s = cost["select_s"], cost["prefill_s"], cost["full_prefill_s"]
         result.update(select_median_s=round(sel_s, 6), prefill_kept_median_s=round(kept_s, 6),
                       prefill_full_median_s=round(full_s, 6), speedup=round(full_s / kept_s, 3) if kept_s > 0 else None,

@@ -29,22 +29,12 @@ import _bootstrap  # noqa: F401
 from pipeline.config import ConfigError, DataConfig, EvaluationConfig, MLLMConfig, WorldConfig
 from pipeline.data.video import FrameSampling
 from pipeline.data.world import heldout_videos
-from pipeline.evaluation import (BASELINE_ORDER, eval_summary, load_eval_videos, method_selectors, results_markdown,
-                                 run_evaluation)
+from pipeline.evaluation import (BASELINE_ORDER, eval_summary, load_eval_videos, method_selectors, parse_retentions,
+                                 results_markdown, run_evaluation)
 from pipeline.overlays import draw_overlays
 from pipeline.plots import plot_accuracy_vs_retention
 
 ALL_METHODS = ("score", *BASELINE_ORDER, "oracle")
-
-
-def parse_retentions(text: str) -> list[float]:
-    try:
-        rs = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--retention {text!r}: give comma-separated ratios, e.g. 0.05,0.1,0.25") from None
-    if not rs or any(not 0.0 < r <= 1.0 for r in rs):
-        raise ConfigError(f"--retention {text!r}: every ratio must be in (0, 1]")
-    return sorted(set(rs))
 
 
 def main(argv: list[str] | None = None) -> dict:

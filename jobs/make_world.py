@@ -1,8 +1,8 @@
 """Generate the shapes world: image-caption parquet shards and mp4 video shards with QA.
 
     python jobs/make_world.py --out runs/world --images 256 --videos 128 --seed 0 \
-        [--size 64] [--frames 16 | 8-16] [--objects 1-3] [--grid 4] [--background texture] \
-        [--motion static,linear,appear] [--pan 0.1] [--noise 0.02] [--format native|llava|webdataset]
+        [--size 64] [--frames 16 | 8-16] [--objects 1-3] [--grid 4] [--background texture,plain] \
+        [--motion static,linear,appear] [--pan 0-0.1] [--noise 0-0.02] [--format native|llava|webdataset]
 
 Same seed and knobs, same bytes. The world's config is written to ``<out>/world.json``.
 ``--format`` writes ``images/`` and ``videos/`` as LLaVA JSON arrays + a YAML mixture
@@ -36,18 +36,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frames", help="frames per video, or MIN-MAX: videos of different durations, e.g. 8-16")
     ap.add_argument("--objects", help="MIN-MAX objects per scene, e.g. 1-3")
     ap.add_argument("--grid", type=int, help="cells per side that objects sit in (the MLLM's token grid)")
-    ap.add_argument("--background", help="plain | gradient | texture | photo")
+    ap.add_argument("--background", help="plain | gradient | texture | photo, or a comma list drawn per sample")
     ap.add_argument("--motion", help="comma list of: static,linear,bounce,appear,disappear,color_change")
-    ap.add_argument("--pan", type=float)
-    ap.add_argument("--noise", type=float)
+    ap.add_argument("--pan", help="camera pan (fraction of the frame), or LO-HI drawn per video, e.g. 0-0.15")
+    ap.add_argument("--noise", help="pixel noise std (0..1 scale), or LO-HI drawn per sample, e.g. 0-0.03")
     ap.add_argument("--format", default="native", choices=WORLD_FORMATS, help="layout of images/ and videos/ (docs/data.md)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
     overrides = list(args.overrides)
-    for key in ("images", "videos", "heldout_videos", "val_videos", "seed", "size", "grid", "background", "pan", "noise"):
+    for key in ("images", "videos", "heldout_videos", "val_videos", "seed", "size", "grid"):
         if getattr(args, key) is not None:
             overrides.append(f"world.{key}={getattr(args, key)}")
+    if args.background:
+        overrides.append(f"world.background=[{args.background}]" if "," in args.background else f"world.background={args.background}")
+    for key in ("pan", "noise"):
+        lo, sep, hi = (getattr(args, key) or "").partition("-")
+        if lo:
+            overrides.append(f"world.{key}=[{lo}, {hi}]" if sep else f"world.{key}={lo}")
     if args.motion:
         overrides.append(f"world.motion=[{args.motion}]")
     if args.objects:

@@ -9,6 +9,7 @@ that names the key.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -59,10 +60,13 @@ class WorldConfig(_Strict):
     grid: int = Field(4, ge=1, le=64, description="objects sit in (and move between) the cells of this grid; match the MLLM's token grid")
     object_size: float = Field(0.2, gt=0.0, le=1.0, description="object diameter / frame size")
     jitter: float = Field(1.0, ge=0.0, description="max offset of an object from its cell centre, pixels")
-    background: Background = "texture"
+    background: Background | list[Background] = Field(
+        "texture", description="background kind; a list: each sample draws one (a randomized world)")
     motion: list[MotionKind] = ["static", "linear", "bounce", "appear", "disappear", "color_change"]
-    pan: float = Field(0.0, ge=0.0, le=0.5, description="max camera pan, fraction of frame per video")
-    noise: float = Field(0.0, ge=0.0, le=0.5, description="per-pixel Gaussian noise std (0..1 scale)")
+    pan: float | tuple[float, float] = Field(
+        0.0, description="camera pan over a video, fraction of the frame (0..0.5); [lo, hi]: drawn per video")
+    noise: float | tuple[float, float] = Field(
+        0.0, description="per-pixel Gaussian noise std (0..1 scale, at most 0.5); [lo, hi]: drawn per sample")
     shard_size: int = Field(64, ge=1, description="records per parquet shard / video jsonl shard")
 
     @field_validator("size")
@@ -95,6 +99,24 @@ class WorldConfig(_Strict):
             raise ValueError("object_size * size + 2 * jitter must fit in one grid cell (size / grid)")
         if not self.motion:
             raise ValueError("motion must name at least one kind")
+        if isinstance(self.background, list) and not self.background:
+            raise ValueError("background: an empty list (name at least one kind)")
+        for key, top in (("pan", 0.5), ("noise", 0.5)):
+            v = getattr(self, key)
+            lo, hi = v if isinstance(v, tuple) else (v, v)
+            if not 0.0 <= lo <= hi <= top:
+                raise ValueError(f"{key} must be a value or [lo, hi] with 0 <= lo <= hi <= {top}, got {v}")
+        moving = {"linear", "bounce"} & set(self.motion)
+        if moving and self.grid < 2:
+            raise ValueError(f"motion {sorted(moving)} needs grid >= 2: objects move between grid cells")
+        # Moving objects need free cells to move into: beyond half of the cells, tracks that never
+        # share a cell cannot always be drawn.
+        if moving and self.max_objects > self.grid * self.grid // 2:
+            raise ValueError(f"max_objects={self.max_objects} with moving objects {sorted(moving)} needs a grid with at "
+                             f"least 2 cells per object (grid={self.grid}: at most {self.grid * self.grid // 2})")
+        events = {"appear", "disappear", "color_change"} & set(self.motion)
+        if events and self.frames < 4:
+            raise ValueError(f"motion {sorted(events)} needs frames >= 4: the event must fall strictly inside the video")
         return self
 
 
@@ -230,6 +252,9 @@ class PolicyConfig(_Strict):
     init_keep_logit: float = Field(2.0, description="initial logit of every token: keep prob sigmoid(this)")
     mlp_ratio: int = Field(2, ge=1, description="transformer MLP width = mlp_ratio * hidden")
     min_per_frame: int = Field(0, ge=0, description="inference top-K: best tokens forced per frame first")
+    question_aware: bool = Field(False, description="the policy also reads the question (the frozen MLLM's input embeddings "
+                                 "of the prompt's words) through cross-attention; selection then happens per question, "
+                                 "after it is known (the default, question-agnostic policy compresses a video once for any question)")
 
 
 class StageConfig(_Strict):
@@ -348,6 +373,9 @@ class EvaluationConfig(_Strict):
     timing_repeats: int = Field(5, ge=1, description="timing rounds per timed video")
     overlay_retention: float = Field(0.1, gt=0, le=1, description="retention drawn in the selection overlays")
     seed: int = 0
+    shifts: dict[str, dict[str, Any]] = Field(
+        {}, description="jobs/generalization.py: shifted worlds by name, each world.* settings over the run's world "
+                        "(settings outside the training ranges); evaluated next to the world's own held-out videos")
 
     @field_validator("retentions")
     @classmethod
@@ -388,6 +416,13 @@ class Config(_Strict):
             raise ValueError(f"rollout.max_staleness ({self.rollout.max_staleness}) is below learner.prefetch_batches "
                              f"({self.learner.prefetch_batches}): every rollout would arrive that stale and be dropped; "
                              "for on-policy rollouts set both to 0")
+        for name, shift in self.evaluation.shifts.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"evaluation.shifts: world name {name!r} must be letters, digits, '_', '.', '-'")
+            try:
+                WorldConfig.model_validate({**self.world.model_dump(), **shift})
+            except ValidationError as e:
+                raise ValueError(f"evaluation.shifts.{name}: {_format_error(e).removeprefix('config: ')}") from None
         k, ck = self.validation.average_last, self.checkpoint
         if k and not self.validation.video_shards:
             raise ValueError(f"validation.average_last ({k}) is done by the selection job, which needs validation.video_shards")
@@ -429,7 +464,8 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    # a union's member tag ("literal['a','b']", "tuple[float,float]") is not a key
+    key = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and "[" in p or p in ("float", "int", "str"))) or "<root>"
     if first["type"] == "extra_forbidden":
         return f"config: unknown key '{key}'"
     msg = first["msg"].removeprefix("Value error, ")

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.select import SelectionContext, budget
 from pipeline.data import readers
+from pipeline.config import ConfigError
 from pipeline.data.video import FrameSampling
 from pipeline.data.prompts import qa_prompt
 from pipeline.mllm.base import MLLMAdapter
@@ -230,12 +231,14 @@ def method_selectors(adapter: MLLMAdapter, policy: torch.nn.Module | None = None
 
 
 def selection_flops(name: str, selector: Callable, dims: dict, T: int, N: int, full_len: int,
-                    policy: torch.nn.Module | None = None) -> float | None:
-    """Analytic FLOPs of a method's own selection step, where it is not negligible: the SCORE
-    policy (:meth:`ScorePolicy.flops`) and FastV (the first ``layer + 1`` decoder layers over the
-    full sequence). X-only baselines: ``None`` (a few ``T*N*D`` or ``N^2*D`` per frame)."""
-    if name == "score" and policy is not None and hasattr(policy, "flops"):
-        return float(policy.flops(T, N))
+                    policy: torch.nn.Module | None = None, words: int = 16) -> float | None:
+    """Analytic FLOPs of a method's own selection step, where it is not negligible: a SCORE
+    policy (:meth:`ScorePolicy.flops`; the selector's own, else ``policy`` for ``score``; a
+    question-aware one reads ``words`` question words) and FastV (the first ``layer + 1`` decoder
+    layers over the full sequence). X-only baselines: ``None`` (a few ``T*N*D`` or ``N^2*D`` per frame)."""
+    pol = getattr(selector, "policy", None) or (policy if name == "score" else None)
+    if pol is not None and hasattr(pol, "flops"):
+        return float(pol.flops(T, N, words) if pol.cfg.question_aware else pol.flops(T, N))
     if name == "fastv":
         layer = max(0, min(int(getattr(selector, "layer", 2)), dims["layers"] - 1))
         return prefill_flops(dims, full_len) * (layer + 1) / dims["layers"]
@@ -244,7 +247,8 @@ def selection_flops(name: str, selector: Callable, dims: dict, T: int, N: int, f
 
 def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dict[str, Callable],
                    retentions: Iterable[float], *, policy: torch.nn.Module | None = None, seed: int = 0,
-                   timing_videos: int = 4, timing_repeats: int = 5, log: Callable[[str], None] | None = None) -> dict:
+                   timing_videos: int = 4, timing_repeats: int = 5, log: Callable[[str], None] | None = None,
+                   options: bool = True) -> dict:
     """Every method x retention on the same videos and the same K.
 
     Accuracy: :func:`evaluate_qa` (greedy exact match; also option accuracy) and its % of the
@@ -273,19 +277,21 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
         M, L_full = round(float(np.mean(Ms)), 2), int(round(float(np.mean(Ls))))
 
     t0 = time.perf_counter()
-    full = evaluate_qa(adapter, videos, None, 1.0, seed=seed)
+    full = evaluate_qa(adapter, videos, None, 1.0, seed=seed, options=options)
+    words = int(round(float(np.mean([adapter.question_embeddings(qa_prompt(v.qa["question"])).shape[0]
+                                     for v in videos[:50]]))))  # a question-aware policy's L, for its FLOPs
     full_prefill = time_deployed(adapter, timed, None, 1.0, seed, timing_repeats)["full_prefill_s"]
     full.update(prefill_ms=round(1e3 * full_prefill, 4), length=L_full,
                 flops=float(np.mean([prefill_flops(dims, L) for L in Ls])) if varied else prefill_flops(dims, L_full),
                 seconds=round(time.perf_counter() - t0, 2))
-    say(f"full tokens: accuracy {full['accuracy']:.3f} (option {full['option_accuracy']:.3f}), "
+    say(f"full tokens: accuracy {full['accuracy']:.3f} (option {full['option_accuracy'] or float('nan'):.3f}), "
         f"prefill {1e3 * full_prefill:.2f} ms, L={L_full}")
 
     rows = []
     for name, sel in selectors.items():
         for r in retentions:
             t1 = time.perf_counter()
-            acc = evaluate_qa(adapter, videos, sel, r, seed=seed)
+            acc = evaluate_qa(adapter, videos, sel, r, seed=seed, options=options)
             cost = time_deployed(adapter, timed, sel, r, seed, timing_repeats)
             select_s, pre, full_s = cost["select_s"], cost["prefill_s"], cost["full_prefill_s"]
             if varied:
@@ -293,14 +299,14 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
                 k = round(float(np.mean(ks)), 2)
                 flops_ratio = float(np.mean([prefill_flops(dims, L - (m - kk)) / prefill_flops(dims, L)
                                              for L, m, kk in zip(Ls, Ms, ks)]))
-                per = [selection_flops(name, sel, dims, int(v.X.shape[0]), N, L, policy) for v, L in zip(videos, Ls)]
+                per = [selection_flops(name, sel, dims, int(v.X.shape[0]), N, L, policy, words) for v, L in zip(videos, Ls)]
                 sflops_pct = None if per[0] is None else float(np.mean(
                     [100.0 * f / prefill_flops(dims, L) for f, L in zip(per, Ls)]))
             else:
                 k = budget(r, M)
                 L_kept = L_full - (M - k)
                 flops_ratio = prefill_flops(dims, L_kept) / prefill_flops(dims, L_full)
-                sflops = selection_flops(name, sel, dims, T, N, L_full, policy)
+                sflops = selection_flops(name, sel, dims, T, N, L_full, policy, words)
                 sflops_pct = None if sflops is None else 100.0 * sflops / prefill_flops(dims, L_full)
             row = {
                 "method": name, "retention": r, "k": k, "tokens": M,
@@ -326,20 +332,33 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
     return {"full": full, "rows": rows, "setup": setup}
 
 
+def parse_retentions(text: str) -> list[float]:
+    try:
+        rs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--retention {text!r}: give comma-separated ratios, e.g. 0.05,0.1,0.25") from None
+    if not rs or any(not 0.0 < r <= 1.0 for r in rs):
+        raise ConfigError(f"--retention {text!r}: every ratio must be in (0, 1]")
+    return sorted(set(rs))
+
+
 def results_markdown(results: dict) -> str:
     """The runner's result as a markdown table (one row per method x retention)."""
     full = results["full"]
     head = ("| method | retention | K | accuracy | % of full | option acc. | prefill ms | speedup | FLOPs ratio "
             "| select ms | select % of full prefill (time / FLOPs) |")
+    def opt(a: float | None) -> str:
+        return "-" if a is None else f"{a:.3f}"
+
     lines = [head, "|" + "---|" * 11,
              f"| full | 100% | {results['setup']['tokens_per_video']} | {full['accuracy']:.3f} | 100.0 | "
-             f"{full['option_accuracy']:.3f} | {full['prefill_ms']:.2f} | 1.00 | 1.000 | - | - |"]
+             f"{opt(full['option_accuracy'])} | {full['prefill_ms']:.2f} | 1.00 | 1.000 | - | - |"]
     for row in results["rows"]:
         fl = "-" if row["select_flops_pct"] is None else f"{row['select_flops_pct']:.2f}%"
         pct = "-" if row["pct_of_full"] is None else f"{row['pct_of_full']:.1f}"
         lines.append(
             f"| {row['method']} | {row['retention']:.0%} | {row['k']} | {row['accuracy']:.3f} | {pct} | "
-            f"{row['option_accuracy']:.3f} | {row['prefill_ms']:.2f} | {row['speedup']:.2f} | {row['flops_ratio']:.3f} | "
+            f"{opt(row['option_accuracy'])} | {row['prefill_ms']:.2f} | {row['speedup']:.2f} | {row['flops_ratio']:.3f} | "
             f"{row['select_ms']:.2f} | {row['select_pct_of_full_prefill_time']:.1f}% / {fl} |")
     return "\n".join(lines)
 

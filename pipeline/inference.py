@@ -24,7 +24,7 @@ from pipeline.select import budget
 from pipeline.data.prompts import qa_prompt
 from pipeline.mllm.base import MLLMAdapter
 from pipeline.metrics import sync
-from pipeline.select import inference_forward, topk_keep
+from pipeline.select import inference_forward, question_input, topk_keep
 
 
 def as_prompt(adapter: MLLMAdapter, question_or_prompt: str) -> str:
@@ -77,15 +77,18 @@ class CompressedMLLM:
         return self.adapter.encode_video_with_side(self.frames(frames))
 
     @torch.inference_mode()
-    def select(self, X: torch.Tensor, retention: float | None = None) -> tuple[torch.Tensor, float]:
-        """``(keep index LongTensor[K] sorted, policy seconds)`` for ``X[T', N, D]``."""
+    def select(self, X: torch.Tensor, retention: float | None = None, prompt: str | None = None
+               ) -> tuple[torch.Tensor, float]:
+        """``(keep index LongTensor[K] sorted, policy seconds)`` for ``X[T', N, D]``. A question-aware
+        policy needs the ``prompt`` (its words are read in the timed policy step)."""
         t = X.shape[0]
         _, gh, gw = self.adapter.visual_grid(self.adapter._frames_for(t))
         r = self.retention if retention is None else float(retention)
         dev = next(self.policy.parameters()).device
         sync(dev)
         t0 = time.perf_counter()
-        z = self._forward(X.to(dev), (gh, gw))
+        kw = {"question": question_input(self.adapter, prompt, dev)} if self.policy.cfg.question_aware else {}
+        z = self._forward(X.to(dev), (gh, gw), **kw)
         keep = topk_keep(z, r, grid=(t, gh, gw), min_per_frame=self.min_per_frame)
         sync(dev)
         return keep.cpu(), time.perf_counter() - t0
@@ -99,7 +102,7 @@ class CompressedMLLM:
         t0 = time.perf_counter()
         X, side = self.encode(frames)
         encode_s = time.perf_counter() - t0
-        keep, policy_s = self.select(X, retention)
+        keep, policy_s = self.select(X, retention, prompt)
         ids, prefill_s = self._generate_timed(X, keep, prompt, max_new_tokens, side)
         answer = self.adapter.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return {"answer": answer, "kept": int(keep.numel()), "total": int(X.shape[0] * X.shape[1]),

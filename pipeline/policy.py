@@ -24,6 +24,14 @@ parameters (0.46 M of them the two D->d input projections). Qwen2-0.5B's prefill
 so the policy costs ~0.7% of it. Full attention instead of factorized: ~101 GFLOPs (~2%).
 (Measured on this 2-core CPU: ~0.6 s for that factorized forward in float32.)
 
+Question-aware option (``question_aware=True``): the prompt's words, as the frozen MLLM's own
+input embeddings ``Q[B, L, D]`` (:meth:`pipeline.mllm.base.MLLMAdapter.question_embeddings`),
+are projected ``D -> d`` and every visual token cross-attends to them plus one learned null slot
+(a token the question does not concern attends there), after the input projection and before the
+trunk; each token's input also gets its highest cosine similarity to a question word in the MLLM's
+embedding space (:func:`word_similarity`, a cue with no weights). Extra cost per video: about
+``T*N*L*D + L*D*d + 4*T*N*d^2 + 2*T*N*(L+1)*d`` multiply-adds (:meth:`ScorePolicy.flops`).
+
 Saved HF-style: ``save_pretrained(dir)`` writes ``model.safetensors`` + ``config.json``
 (``embed_dim`` plus the :class:`~pipeline.config.PolicyConfig` fields); nothing else about the
 MLLM is stored.
@@ -86,6 +94,29 @@ class _Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(s, l, d))
 
 
+class _CrossAttention(nn.Module):
+    """Visual tokens (queries) attend to the question's words and one learned null slot."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.null = nn.Parameter(torch.zeros(1, 1, d))
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: Tensor, words: Tensor, word_mask: Tensor) -> Tensor:
+        """``x[B, M, d]``, ``words[B, L, d]``, ``word_mask[B, L]`` bool -> ``[B, M, d]``."""
+        b, m, d = x.shape
+        h = self.heads
+        words = torch.cat([self.null.expand(b, 1, d).to(words.dtype), words], dim=1)  # [B, 1+L, d]
+        mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), word_mask.to(x.device, torch.bool)], 1)
+        q = self.q(x).view(b, m, h, d // h).transpose(1, 2)
+        k, v = self.kv(words).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.out(y.transpose(1, 2).reshape(b, m, d))
+
+
 class _Block(nn.Module):
     def __init__(self, d: int, heads: int, mlp_ratio: int, factorized: bool):
         super().__init__()
@@ -114,7 +145,21 @@ class _Block(nn.Module):
         return h + self.mlp(self.ln_m(h))
 
 
-def padded_logits(policy: nn.Module, X: Tensor, grid: tuple[int, int], steps: Tensor | None = None) -> Tensor:
+def word_similarity(X: Tensor, Q: Tensor, mask: Tensor) -> Tensor:
+    """``X[B, T, N, D]``, ``Q[B, L, D]``, ``mask[B, L]`` -> ``[B, T, N]``: each visual token's highest
+    cosine similarity to a question word, in the MLLM's own embedding space (its projector maps
+    visual tokens there; 0 for a question of no words). A parameter-free relevance cue the policy
+    reads from its first step; the cross-attention learns the rest."""
+    sim = torch.einsum("btnd,bld->btnl", F.normalize(X, dim=-1), F.normalize(Q, dim=-1))
+    sim = sim.masked_fill(~mask[:, None, None, :], -1.0).amax(-1) if Q.shape[1] else X.new_zeros(X.shape[:3])
+    return torch.where(mask.any(-1)[:, None, None], sim, torch.zeros_like(sim))
+
+
+Question = tuple[Tensor, Tensor]  # (Q[B, L, D] the prompt's word embeddings, mask[B, L] bool: real words)
+
+
+def padded_logits(policy: nn.Module, X: Tensor, grid: tuple[int, int], steps: Tensor | None = None,
+                  question: Question | None = None) -> Tensor:
     """Keep logits of a batch whose samples may differ in length, each scored at its OWN length.
 
     ``X[B, T, N, D]`` (samples shorter than ``T`` zero-padded at the end), ``steps[B]`` each
@@ -127,10 +172,12 @@ def padded_logits(policy: nn.Module, X: Tensor, grid: tuple[int, int], steps: Te
     agree when Ray Data regroups the records into other batches, and no padded token is ever seen
     by the policy (padding cannot leak into the residuals or the temporal attention). An equal-length batch (``steps`` None or all ``T``) is one plain
     ``policy(X, grid)`` call. ``policy`` may be a DeepSpeed engine (one forward per group,
-    one backward)."""
+    one backward). ``question``: a question-aware policy's words (:data:`Question`), split with
+    the samples."""
     b, t = X.shape[:2]
+    kw = {} if question is None else {"question": question}
     if steps is None or bool((steps == t).all()):
-        return policy(X, grid)
+        return policy(X, grid, **kw)
     steps = steps.to("cpu", torch.long)
     if steps.shape != (b,) or int(steps.min()) < 1 or int(steps.max()) > t:
         raise ValueError(f"steps must be [{b}] in 1..{t}, got {steps.tolist()}")
@@ -138,7 +185,9 @@ def padded_logits(policy: nn.Module, X: Tensor, grid: tuple[int, int], steps: Te
     parts, order = [], []
     for length in sorted(set(steps.tolist())):
         idx = (steps == length).nonzero().flatten()
-        z = policy(X[idx.to(X.device), :length], grid)  # [b_l, length*N]
+        if question is not None:
+            kw = {"question": (question[0][idx.to(question[0].device)], question[1][idx.to(question[1].device)])}
+        z = policy(X[idx.to(X.device), :length], grid, **kw)  # [b_l, length*N]
         parts.append(F.pad(z, (0, (t - length) * n)))
         order.append(idx)
     inverse = torch.empty(b, dtype=torch.long)
@@ -157,6 +206,8 @@ class ScorePolicy(nn.Module):
     * ``frame_mask``: optional ``[B, T]`` bool, True for real frames when videos of different
       length are padded to one T (padded frames are excluded from temporal/full attention keys;
       their logits are meaningless: pass the matching ``valid`` to the loss);
+    * ``question``: ``(Q[B, L, D], mask[B, L])`` (:data:`Question`), required by a question-aware
+      policy (``cfg.question_aware``) and refused by an agnostic one;
     * returns logits ``z[B, T*N]`` (or ``[T*N]``), flattened ``t*N + i``; keep prob ``sigmoid(z)``.
     """
 
@@ -172,8 +223,13 @@ class ScorePolicy(nn.Module):
         self.ln_x = nn.LayerNorm(d)
         self.w_r = nn.Linear(embed_dim, d)
         self.ln_r = nn.LayerNorm(d)
-        self.inp = nn.Linear(2 * d + 1 + TIME_EMB + POS_EMB, d)
+        self.inp = nn.Linear(2 * d + 1 + int(cfg.question_aware) + TIME_EMB + POS_EMB, d)
         self.blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.mlp_ratio, cfg.factorized) for _ in range(cfg.layers))
+        if cfg.question_aware:
+            self.w_q = nn.Linear(embed_dim, d)
+            self.ln_q = nn.LayerNorm(d)
+            self.ln_c = nn.LayerNorm(d)
+            self.cross = _CrossAttention(d, cfg.heads)
         self.ln_out = nn.LayerNorm(d)
         self.head = nn.Linear(d, 1)
         nn.init.zeros_(self.head.weight)
@@ -197,10 +253,18 @@ class ScorePolicy(nn.Module):
             self._emb_cache[key] = emb
         return emb
 
-    def forward(self, X: Tensor, grid: tuple[int, int], frame_mask: Tensor | None = None) -> Tensor:
+    def forward(self, X: Tensor, grid: tuple[int, int], frame_mask: Tensor | None = None,
+                question: Question | None = None) -> Tensor:
         squeeze = X.dim() == 3
         if squeeze:
             X = X[None]
+            if question is not None:
+                question = (question[0][None], question[1][None])
+        if self.cfg.question_aware and question is None:
+            raise ValueError("this policy is question-aware (policy.question_aware): pass the question "
+                             "(MLLMAdapter.question_embeddings of the prompt)")
+        if not self.cfg.question_aware and question is not None:
+            raise ValueError("this policy is question-agnostic: it takes no question")
         if X.dim() != 4 or X.shape[-1] != self.embed_dim:
             raise ValueError(f"X must be [B, T, N, {self.embed_dim}], got {tuple(X.shape)}")
         b, t, n, _ = X.shape
@@ -212,13 +276,19 @@ class ScorePolicy(nn.Module):
         X = X.to(self.head.weight.dtype)
         R, u = surprise_state(X)
         emb = self._embeddings(t, gh, gw, X.device, X.dtype)
-        feats = torch.cat([
-            self.ln_x(self.w_x(X)),
-            self.ln_r(self.w_r(R)),
-            u.clamp(max=SURPRISE_MAX)[..., None],
-            emb[None].expand(b, t, n, TIME_EMB + POS_EMB),
-        ], dim=-1)
+        parts = [self.ln_x(self.w_x(X)), self.ln_r(self.w_r(R)), u.clamp(max=SURPRISE_MAX)[..., None]]
+        if question is not None:
+            Q, qm = question
+            if Q.dim() != 3 or Q.shape[0] != b or Q.shape[-1] != self.embed_dim or tuple(qm.shape) != tuple(Q.shape[:2]):
+                raise ValueError(f"question must be (Q[{b}, L, {self.embed_dim}], mask[{b}, L]), "
+                                 f"got {tuple(Q.shape)} and {tuple(qm.shape)}")
+            Q, qm = Q.to(X.dtype), qm.to(X.device, torch.bool)
+            parts.append(word_similarity(X, Q, qm)[..., None])
+        feats = torch.cat(parts + [emb[None].expand(b, t, n, TIME_EMB + POS_EMB)], dim=-1)
         h = self.inp(feats)
+        if question is not None:
+            words = self.ln_q(self.w_q(Q))
+            h = h + self.cross(self.ln_c(h).reshape(b, t * n, -1), words, qm).view(b, t, n, -1)
         fm = None if frame_mask is None else frame_mask.to(torch.bool)
         for blk in self.blocks:
             h = blk(h, fm)
@@ -229,12 +299,14 @@ class ScorePolicy(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def flops(self, T: int, N: int) -> int:
+    def flops(self, T: int, N: int, L: int = 16) -> int:
         """Forward FLOPs (2 per multiply-add; norms, activations and softmax ignored) for one
-        video of ``T`` frames x ``N`` tokens."""
+        video of ``T`` frames x ``N`` tokens (a question-aware policy: and ``L`` question words)."""
         d, D, r = self.cfg.hidden, self.embed_dim, self.cfg.mlp_ratio
         m = T * N
         macs = m * (2 * D * d + (2 * d + 1 + TIME_EMB + POS_EMB) * d + d)  # W_x, W_r, input, head
+        if self.cfg.question_aware:  # words D -> d, their keys/values, token queries + output, QK^T and AV
+            macs += m * L * D + L * D * d + (L + 1) * 2 * d * d + m * 2 * d * d + m * 2 * (L + 1) * d
         for _ in range(self.cfg.layers):
             macs += m * 2 * r * d * d  # MLP
             if self.cfg.factorized:

@@ -107,8 +107,8 @@ def topk_keep(
     return keep[0] if squeeze else keep
 
 
-def inference_forward(policy: torch.nn.Module, compile: bool = False) -> Callable[[Tensor, tuple[int, int]], Tensor]:
-    """``forward(X, grid) -> logits``: the policy itself, or with ``compile=True`` the policy through
+def inference_forward(policy: torch.nn.Module, compile: bool = False) -> Callable[..., Tensor]:
+    """``forward(X, grid[, question=...]) -> logits``: the policy itself, or with ``compile=True`` the policy through
     ``torch.compile`` (inductor fuses the small ops whose per-call cost dominates a tiny policy's
     forward; the first call per shape compiles, ~25 s here). Where compiling fails (no C++ compiler,
     an unsupported backend) it warns once and runs the policy eagerly from then on."""
@@ -116,19 +116,28 @@ def inference_forward(policy: torch.nn.Module, compile: bool = False) -> Callabl
         return policy
     state = {"fn": torch.compile(policy, dynamic=None)}
 
-    def forward(X: Tensor, grid: tuple[int, int]) -> Tensor:
+    def forward(X: Tensor, grid: tuple[int, int], **kw: Any) -> Tensor:
         fn = state["fn"]
         if fn is policy:
-            return policy(X, grid)
+            return policy(X, grid, **kw)
         try:
-            return fn(X, grid)
+            return fn(X, grid, **kw)
         except Exception as e:  # noqa: BLE001  (any compile-time failure: fall back, said once)
             warnings.warn(f"torch.compile of the SCORE policy failed ({type(e).__name__}: {str(e)[:200]}); "
                           "running it eagerly", RuntimeWarning, stacklevel=2)
             state["fn"] = policy
-            return policy(X, grid)
+            return policy(X, grid, **kw)
 
     return forward
+
+
+def question_input(adapter: Any, prompt: str | None, device: Any = "cpu") -> tuple[Tensor, Tensor]:
+    """One question as a question-aware policy reads it: ``(Q[L, D], mask[L])`` from the frozen
+    MLLM's input embeddings of the prompt's words (ValueError without a prompt or adapter)."""
+    if adapter is None or prompt is None:
+        raise ValueError("a question-aware SCORE policy selects per question: it needs the prompt and the MLLM adapter")
+    Q = adapter.question_embeddings(prompt)
+    return Q.to(device), torch.ones(Q.shape[0], dtype=torch.bool, device=device)
 
 
 def make_score_selector(policy: torch.nn.Module, min_per_frame: int = 0,
@@ -136,8 +145,10 @@ def make_score_selector(policy: torch.nn.Module, min_per_frame: int = 0,
     """The trained compressor behind the baselines' selector interface:
     ``selector(X[T, N, D], k, ctx) -> LongTensor[k]`` (sorted), using ``ctx.grid = (T, gh, gw)``.
     ``policy`` is a :class:`pipeline.policy.ScorePolicy` (run in eval mode, no grad);
-    ``compile``: see :func:`inference_forward`."""
+    ``compile``: see :func:`inference_forward`. A question-aware policy reads ``ctx.prompt``'s
+    words through ``ctx.adapter`` (:func:`question_input`): top-K per question."""
     forward = inference_forward(policy, compile)
+    asks = bool(policy.cfg.question_aware)
 
     @torch.inference_mode()
     def score_select(X: Tensor, k: int, ctx: SelectionContext) -> Tensor:
@@ -145,11 +156,14 @@ def make_score_selector(policy: torch.nn.Module, min_per_frame: int = 0,
         was_training = policy.training
         if was_training:  # (eval() walks every submodule: skipped when already in eval mode)
             policy.eval()
+        dev = next(policy.parameters()).device
+        kw = {"question": question_input(ctx.adapter, ctx.prompt, dev)} if asks else {}
         try:
-            z = forward(X.to(next(policy.parameters()).device), (gh, gw))
+            z = forward(X.to(dev), (gh, gw), **kw)
         finally:
             if was_training:
                 policy.train()
         return topk_keep(z, k=k, grid=ctx.grid, min_per_frame=min_per_frame).cpu()
 
+    score_select.policy = policy  # what the evaluation costs (its FLOPs)
     return score_select

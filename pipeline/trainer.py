@@ -72,7 +72,7 @@ from pipeline.cache import ByteLRU
 from pipeline.config import Config, ConfigError, DataConfig, LearnerConfig, PolicyConfig, StageConfig, WorldConfig
 from pipeline.data.prompts import CAPTION_PROMPT, qa_prompt
 from pipeline.metrics import MetricsWriter, format_metrics, mean_metrics, timed
-from pipeline.policy import ScorePolicy, padded_logits
+from pipeline.policy import Question, ScorePolicy, padded_logits
 from pipeline.rewards import PackedMasks, budget_shift, delta_ce, pack_masks, sample_masks, sparsity, unpack_masks
 from pipeline.mllm.base import stack_side
 from pipeline.update import (KEEP_PROB, KEPT, LR, REWARD, ROLLOUTS_PER_S, SAFE_FRAC, VERSION, VERSION_LAG, Optimizer,
@@ -218,6 +218,12 @@ class RolloutBatch:
     shift: Tensor | None = None  # [B] float32 logit shift b of the behaviour policy (stage.rollout_budget); None = 0
     steps: Tensor | None = None  # [B] int64 each sample's T' when they differ; None: all X.shape[1]
     num_frames: Tensor | None = None  # [B] int64 frames decoded per sample (data/frames_* metrics); None: unknown
+    question: Tensor | None = None  # [B, L, D] a question-aware policy's words (X's dtype), zero-padded; None: agnostic
+    question_mask: Tensor | None = None  # [B, L] bool, True on each sample's real words
+
+    def question_input(self) -> Question | None:
+        """What the policy reads besides ``X``: ``(Q, mask)`` or None (a question-agnostic policy)."""
+        return None if self.question is None else (self.question, self.question_mask)
 
     @property
     def size(self) -> int:
@@ -247,6 +253,7 @@ class RolloutBatch:
     def to_records(self) -> list[dict[str, Any]]:
         """One rollout record per sample (layout in the module doc), each at its own ``T'``."""
         X, x_dtype = state_to_numpy(self.X)
+        Q = None if self.question is None else state_to_numpy(self.question.to(self.X.dtype))[0]
         bits = self.masks.bits.numpy()
         n = int(X.shape[2])
         masks = None if self.steps is None else self.unpacked_masks()
@@ -272,6 +279,8 @@ class RolloutBatch:
             }
             if self.num_frames is not None:
                 rec["num_frames"] = int(self.num_frames[b])
+            if self.question is not None:
+                rec["question"] = Q[b, : int(self.question_mask[b].sum())]
             out.append(rec)
         return out
 
@@ -314,6 +323,12 @@ class RolloutBatch:
         shift = torch.tensor([float(r.get("logit_shift", 0.0)) for r in records], dtype=torch.float32)
         frames = ([int(r["num_frames"]) for r in records]
                   if all(r.get("num_frames") is not None for r in records) else None)
+        asked = [r.get("question") is not None for r in records]
+        if any(asked) and not all(asked):
+            raise ValueError("from_records: some records carry a question and some do not (one policy makes a batch)")
+        question = qmask = None
+        if all(asked):
+            question, qmask = pad_words([state_from_numpy(np.array(r["question"]), x_dtype) for r in records])
         return cls(
             sample_ids=[str(r["sample_id"]) for r in records],
             policy_version=torch.tensor([int(r["policy_version"]) for r in records], dtype=torch.long),
@@ -330,7 +345,26 @@ class RolloutBatch:
             shift=shift if bool(shift.any()) else None,  # None = no shift, as the rollout made it
             steps=None if equal else torch.tensor(lengths, dtype=torch.long),
             num_frames=None if frames is None else torch.tensor(frames, dtype=torch.long),
+            question=question,
+            question_mask=qmask,
         )
+
+
+def pad_words(words: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``[L_b, D]`` word embeddings -> ``(Q[B, L, D]`` zero-padded, ``mask[B, L]`` bool): a question-aware
+    policy's :data:`~pipeline.policy.Question` (``L`` at least 1 so an all-empty batch has a shape)."""
+    L = max(1, max(int(w.shape[0]) for w in words))
+    Q = words[0].new_zeros((len(words), L, words[0].shape[-1]))
+    mask = torch.zeros(len(words), L, dtype=torch.bool)
+    for b, w in enumerate(words):
+        Q[b, : w.shape[0]] = w
+        mask[b, : w.shape[0]] = True
+    return Q, mask
+
+
+def question_aware(policy: torch.nn.Module) -> bool:
+    """Whether ``policy`` (a ScorePolicy, or a DeepSpeed engine around one) reads the question."""
+    return bool(getattr(getattr(policy, "module", policy), "cfg").question_aware)
 
 
 def encode_sample(adapter: Any, sample: Mapping[str, Any], cache: MutableMapping[Any, Any] | None = None
@@ -488,7 +522,11 @@ def rollout(
     prompts, targets = [p for p, _ in pt], [t for _, t in pt]
     state = X if state_dtype is None else X.to(state_dtype)
     dev = next(policy.parameters()).device
-    logits = padded_logits(policy, state.to(dev), (gh, gw), steps).float().cpu()  # [B, M]
+    question = qmask = None
+    if question_aware(policy):  # the words travel in the state's dtype, as X does
+        question, qmask = pad_words([adapter.question_embeddings(p).to(state.dtype) for p in prompts])
+    asked = None if question is None else (question.to(dev), qmask.to(dev))
+    logits = padded_logits(policy, state.to(dev), (gh, gw), steps, asked).float().cpu()  # [B, M]
     shift = None
     if stage_cfg.rollout_budget is not None:
         # masks at an inference-like budget: r ~ U[lo, hi] per sample, logits shifted to keep r*M
@@ -530,6 +568,8 @@ def rollout(
         steps=steps,
         num_frames=(torch.tensor([int(np.shape(s["frames"])[0]) for s in samples], dtype=torch.long)
                     if all("frames" in s for s in samples) else None),
+        question=question,
+        question_mask=qmask,
     )
 
 

@@ -25,7 +25,7 @@ import torch
 from pipeline.config import StageConfig
 from pipeline.loss import clipped_surrogate_loss
 from pipeline.metrics import mean_metrics
-from pipeline.policy import padded_logits
+from pipeline.policy import Question, padded_logits
 from pipeline.rewards import split_advantage
 
 if TYPE_CHECKING:
@@ -82,13 +82,14 @@ def batch_metrics(batch: RolloutBatch, adv: Tensor | None = None) -> dict[str, f
 
 def surrogate(policy: torch.nn.Module, X: Tensor, grid: tuple[int, int], masks: Tensor, old_logits: Tensor,
               adv: Tensor, stage_cfg: StageConfig, shift: Tensor | None = None, steps: Tensor | None = None,
-              valid: Tensor | None = None) -> dict[str, Tensor]:
+              valid: Tensor | None = None, question: Question | None = None) -> dict[str, Tensor]:
     """Forward + clipped surrogate loss with entropy bonus (tensors already on the policy's device);
     ``policy`` may be a DeepSpeed engine. ``shift[B]``: the rollouts' logit shift (the same constant
     in the current policy, so the ratio compares like with like). ``steps[B]`` / ``valid[B, M]``:
-    a padded batch's lengths and real tokens (module doc); None for an equal-length batch. Returns
+    a padded batch's lengths and real tokens (module doc); None for an equal-length batch.
+    ``question``: a question-aware policy's words (``RolloutBatch.question_input``). Returns
     :func:`~pipeline.loss.clipped_surrogate_loss`'s dict."""
-    logits = padded_logits(policy, X, grid, steps)
+    logits = padded_logits(policy, X, grid, steps, question)
     if shift is not None:
         logits = logits + shift.to(logits.device, logits.dtype)[:, None]
     return clipped_surrogate_loss(logits.float(), masks, old_logits, adv, clip=stage_cfg.clip,
@@ -149,11 +150,13 @@ def ppo_update(opt: Optimizer, batch: RolloutBatch, stage_cfg: StageConfig, *, l
     old, adv_d = batch.old_logits.to(dev), adv.to(dev)
     valid = batch.token_valid()
     valid = None if valid is None else valid.to(dev)
+    question = batch.question_input()
+    question = None if question is None else (question[0].to(dev), question[1].to(dev))
     opt.module.train()
     passes: list[dict[str, float]] = []
     skipped = 0
     for _ in range(stage_cfg.ppo_epochs):
-        out = surrogate(opt.module, X, batch.grid, masks, old, adv_d, stage_cfg, batch.shift, batch.steps, valid)
+        out = surrogate(opt.module, X, batch.grid, masks, old, adv_d, stage_cfg, batch.shift, batch.steps, valid, question)
         opt.backward(out["loss"] * loss_scale)
         grad_norm, stepped = opt.step()
         skipped += not stepped

@@ -174,6 +174,10 @@ def check_engine(vllm_config: Any, s: Settings) -> None:
         )
     width = int(mc.hf_config.get_text_config().hidden_size)
     policy = load_policy(s.compressor)
+    if getattr(policy.cfg, "question_aware", False):
+        # vLLM prunes in the vision path, per video, before the prompt's words reach the model
+        raise ValueError(f"SCORE compressor {s.compressor} is question-aware (policy.question_aware): vLLM prunes each "
+                         "video before its question is read; serve a question-agnostic compressor")
     if policy.embed_dim != width:
         raise ValueError(
             f"SCORE compressor {s.compressor} reads {policy.embed_dim}-wide tokens, but {mc.model} embeds "

@@ -279,3 +279,45 @@ def test_compress_video_job_and_api(assets, capsys):
     out = cm.generate(str(clip), "<video> describe the video .", max_new_tokens=3)
     assert set(out) >= {"answer", "kept", "total", "prefill_s", "policy_s"} and out["kept"] == 8
     assert not hasattr(cm.adapter, "_prefill") or "_prefill" not in vars(cm.adapter)  # timing wrapper removed
+
+
+@pytest.mark.slow
+def test_generalization_job_one_table_over_worlds(assets, tmp_path, capsys):
+    """The protocol job: both SCORE variants and the baselines on the world's own held-out videos and
+    on a shifted world it generates (settings outside the training ranges), one table, a verdict
+    per world and retention, the question-aware variant's cost including its words."""
+    from pipeline.config import PolicyConfig
+    from pipeline.policy import ScorePolicy
+
+    torch.manual_seed(1)
+    ScorePolicy(32, PolicyConfig(hidden=32, layers=1, heads=2, question_aware=True)).save_pretrained(tmp_path / "qa")
+    cfg = tmp_path / "protocol.yaml"
+    cfg.write_text("world: {frames: 4, size: 32, grid: 2, object_size: 0.25, jitter: 0, max_objects: 2}\n"
+                   "evaluation:\n  shifts:\n    noisy: {noise: 0.08, background: photo}\n")
+    out = tmp_path / "gen"
+    args = ["--config", str(cfg), "--mllm", str(assets / "mllm"), "--world", str(assets / "world"),
+            "--compressor", str(assets / "policy"), "--compressor-qa", str(tmp_path / "qa"), "--out", str(out),
+            "--videos", "3", "--retention", "0.25,0.5", "--methods", "uniform,fastv,oracle",
+            "--set", "evaluation.timing_videos=1", "--set", "evaluation.timing_repeats=1"]
+    summary = _job("generalization").main(args)
+    text = capsys.readouterr().out
+    assert "outside the training ranges in ['noise', 'background']" in text
+    assert json.loads(text.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
+    assert summary["videos"] == {"in-distribution": 3, "noisy": 3}
+    res = json.loads((out / "results.json").read_text())
+    for world in ("in-distribution", "noisy"):
+        got = {(r["method"], r["retention"]) for r in res["worlds"][world]["rows"]}
+        assert got == {(m, r) for m in ("score", "score_qa", "uniform", "fastv", "oracle") for r in (0.25, 0.5)}
+        for r in ("0.25", "0.5"):
+            v = summary["verdicts"][world][r]
+            assert v["score"] in ("score", "score_qa") and v["best_baseline"] in ("uniform", "fastv")
+    rows = {r["method"]: r for r in res["worlds"]["in-distribution"]["rows"] if r["retention"] == 0.25}
+    assert rows["score_qa"]["select_flops_pct"] > rows["score"]["select_flops_pct"] > 0  # the words cost something
+    md = (out / "results.md").read_text()
+    assert "| score_qa |" in md and "noisy 25%" in md and "select FLOPs % of full prefill" in md
+    assert (out / "accuracy_noisy.png").is_file() and (out / "worlds" / "noisy" / "world.json").is_file()
+    # a second run reuses the generated shifted world
+    _job("generalization").main(args)
+    assert "generating noisy" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="evaluation.shifts is empty"):
+        _job("generalization").main(args[2:] + ["--set", "world.frames=4"])

@@ -151,16 +151,20 @@ def test_deepspeed_skips_a_nonfinite_gradient(one_rank, zero_stage):
 
 def make_mixed_batch(policy: torch.nn.Module, seed: int = 0) -> RolloutBatch:
     """:func:`make_batch` with samples of T' = 2, 1, 3: X zero-padded to 3 steps, masks drawn from
-    each sample's own logits (pipeline.policy.padded_logits), never on a padded token."""
+    each sample's own logits (pipeline.policy.padded_logits), never on a padded token. A
+    question-aware policy also gets questions of 3, 5 and 0 words."""
     from pipeline.policy import padded_logits
-    from pipeline.trainer import pad_steps, token_valid
+    from pipeline.trainer import pad_steps, pad_words, question_aware, token_valid
 
     g = torch.Generator().manual_seed(seed)
     steps = torch.tensor([2, 1, 3])
     X = pad_steps([torch.randn(int(t), GH * GW, D, generator=g) for t in steps])
     valid = token_valid(steps, GH * GW, 3)
+    Q = qm = None
+    if question_aware(policy):
+        Q, qm = pad_words([torch.randn(n, D, generator=g) for n in (3, 5, 0)])
     with torch.no_grad():
-        logits = padded_logits(policy, X, (GH, GW), steps).float().masked_fill(~valid, 0.0)
+        logits = padded_logits(policy, X, (GH, GW), steps, None if Q is None else (Q, qm)).float().masked_fill(~valid, 0.0)
     masks = sample_masks(logits, G, g, valid)
     ce = torch.rand(B, G, generator=g) + 1.0
     ce_full = torch.full((B,), 1.2)
@@ -168,7 +172,7 @@ def make_mixed_batch(policy: torch.nn.Module, seed: int = 0) -> RolloutBatch:
                         X=X, grid=(GH, GW), masks=pack_masks(masks), old_logits=logits,
                         dce=(ce_full[:, None] + 0.05 - ce), rho=sparsity(masks, valid).float(), ce_full=ce_full, ce=ce,
                         prompts=["p"] * B, targets=["t"] * B, steps=steps,
-                        num_frames=steps * 2)
+                        num_frames=steps * 2, question=Q, question_mask=qm)
 
 
 @pytest.mark.unit
@@ -181,12 +185,15 @@ def test_torch_optimizer_on_a_mixed_length_batch():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 1])
-def test_deepspeed_and_torch_take_the_same_update_on_mixed_lengths(one_rank, zero_stage):
+@pytest.mark.parametrize("zero_stage,policy_cfg", [(0, SMALL_POLICY), (1, SMALL_POLICY),
+                                                   (0, SMALL_POLICY.model_copy(update={"question_aware": True}))],
+                         ids=["zero0", "zero1", "zero0-question-aware"])
+def test_deepspeed_and_torch_take_the_same_update_on_mixed_lengths(one_rank, zero_stage, policy_cfg):
     """The DeepSpeed engine runs one forward per length group (padded_logits) and one backward:
-    the same update as the torch path, on batches whose samples differ in T'."""
+    the same update as the torch path, on batches whose samples differ in T' (and, for a
+    question-aware policy, in question length)."""
     cfg = scfg(max_grad_norm=0.01)
-    ref = init_policy(D, SMALL_POLICY, 0)
+    ref = init_policy(D, policy_cfg, 0)
     pol = copy.deepcopy(ref)
     torch_opt, ds_opt = up.TorchOptimizer(ref, cfg), deepspeed_optimizer(pol, zero_stage, cfg)
     for step, seed in enumerate(range(3)):
@@ -198,5 +205,7 @@ def test_deepspeed_and_torch_take_the_same_update_on_mixed_lengths(one_rank, zer
             assert m_ds[k] == pytest.approx(m_ref[k], rel=1e-4, abs=1e-6), (step, k)
     for (k, a), b in zip(ref.state_dict().items(), ds_opt.engine.module.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
-    assert weights_sha(ref) != weights_sha(init_policy(D, SMALL_POLICY, 0))
+    assert weights_sha(ref) != weights_sha(init_policy(D, policy_cfg, 0))
+    if policy_cfg.question_aware:  # the words reached the update: the zero-initialised read-out moved
+        assert float(ref.cross.out.weight.detach().abs().sum()) > 0
 

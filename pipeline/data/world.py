@@ -80,9 +80,8 @@ def _photos(size: int) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def _background(rng: np.random.Generator, cfg: WorldConfig, span: int) -> np.ndarray:
+def _background(rng: np.random.Generator, cfg: WorldConfig, span: int, kind: str) -> np.ndarray:
     """A float [span, span, 3] canvas in 0..1 (larger than the frame when the camera pans)."""
-    kind = cfg.background
     base = rng.uniform(0.25, 0.55, size=3) * np.array([1.0, 0.95, 0.85])  # muted, low saturation
     if kind == "plain":
         return np.broadcast_to(base, (span, span, 3)).copy()
@@ -126,10 +125,18 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.nda
     raise ValueError(f"unknown shape {shape}")
 
 
+def _draw_range(rng: np.random.Generator, v: float | tuple[float, float]) -> float:
+    """A knob's value for one sample: a scalar as it is (no draw: a fixed world's stream is
+    unchanged), a ``[lo, hi]`` range uniformly."""
+    return float(rng.uniform(v[0], v[1])) if isinstance(v, tuple) else float(v)
+
+
 def _render(cfg: WorldConfig, rng: np.random.Generator, objs: list[Obj], frames: int) -> np.ndarray:
     size = cfg.size
-    pan = int(round(cfg.pan * size))
-    canvas = _background(rng, cfg, size + pan)
+    kind = cfg.background if isinstance(cfg.background, str) else cfg.background[rng.integers(len(cfg.background))]
+    noise = _draw_range(rng, cfg.noise)
+    pan = int(round(_draw_range(rng, cfg.pan) * size))
+    canvas = _background(rng, cfg, size + pan, kind)
     pan_dir = DIRECTIONS[list(DIRECTIONS)[rng.integers(4)]] if pan else (0, 0)
     r = cfg.object_size * size / 2
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
@@ -144,8 +151,8 @@ def _render(cfg: WorldConfig, rng: np.random.Generator, objs: list[Obj], frames:
                 cx, cy = o.pos[t]
                 m = _shape_mask(o.shape, cx, cy, r, size)
                 img[m] = np.array(COLORS[o.color_at(t)]) / 255.0
-        if cfg.noise > 0:
-            img = img + rng.normal(0, cfg.noise, size=img.shape)
+        if noise > 0:
+            img = img + rng.normal(0, noise, size=img.shape)
         out[t] = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
     return out
 
@@ -203,16 +210,31 @@ def _track(rng: np.random.Generator, cfg: WorldConfig, motion: str, frames: int)
     return cells, None
 
 
+def _collide(cells: list[np.ndarray]) -> bool:
+    """Whether any two of these ``[T, 2]`` tracks share a cell in some frame."""
+    occupied = np.stack([c[:, 0] * 1_000_003 + c[:, 1] for c in cells])  # [n, T]
+    return any(len(set(occupied[:, t])) < len(cells) for t in range(occupied.shape[1]))
+
+
 def _make_objects(rng: np.random.Generator, cfg: WorldConfig, n: int, frames: int, motions: list[str]) -> list[Obj]:
     size, r = cfg.size, cfg.object_size * cfg.size / 2
     shapes = rng.permutation(SHAPES)[:n]
     colors = rng.permutation(list(COLORS))
-    # Tracks that never share a cell in a frame (rejection sampling, bounded tries).
+    # Tracks that never share a cell in a frame: joint rejection sampling, then (crowded grids)
+    # each object redrawn in turn until it misses the ones already placed.
     for _ in range(100):
         tracks = [_track(rng, cfg, motions[i], frames) for i in range(n)]
-        occupied = np.stack([c[:, 0] * cfg.grid + c[:, 1] for c, _ in tracks])  # [n, T]
-        if all(len(set(occupied[:, t])) == n for t in range(frames)):
+        if not _collide([c for c, _ in tracks]):
             break
+    else:
+        for i in range(1, n):
+            for _ in range(1000):
+                if not _collide([c for c, _ in tracks[:i + 1]]):
+                    break
+                tracks[i] = _track(rng, cfg, motions[i], frames)
+            else:  # WorldConfig's checks keep worlds out of this
+                raise ValueError(f"cannot place {n} objects with motions {motions} on a {cfg.grid}x{cfg.grid} grid "
+                                 "without overlap: lower world.max_objects or raise world.grid")
     objs = []
     for i in range(n):
         cells, direction = tracks[i]

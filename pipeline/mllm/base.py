@@ -197,6 +197,18 @@ class MLLMAdapter(ABC):
     def hidden_size(self) -> int:
         return self.embed_tokens.weight.shape[-1]
 
+    @torch.no_grad()
+    def question_embeddings(self, prompt: str) -> torch.Tensor:
+        """``[L, D]`` float32 (CPU): the frozen LM's input embeddings of the prompt's words, what a
+        question-aware SCORE policy reads. The words are the user turns' text (a
+        :class:`~pipeline.mllm.chat.ChatPrompt`'s, or the plain prompt) without the video
+        placeholder or chat markup; no special tokens. A prompt of no words gives ``[0, D]``."""
+        text = " ".join(c for role, c in conversation(prompt) if role == "user")
+        text = " ".join(text.replace(self.video_placeholder, " ").split())
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.embed_tokens.weight.device)
+        return self.embed_tokens(ids_t).float().cpu()
+
     @property
     @abstractmethod
     def frame_size(self) -> tuple[int, int]:

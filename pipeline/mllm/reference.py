@@ -226,7 +226,7 @@ class Pretrainer:
         """``(pixels[B,T,3,S,S], keep[B,1,T*N], prompts, targets, labels)`` of fresh training
         samples; ``labels[name]`` is ``[B,T,N]`` (-1 = background) for the auxiliary heads."""
         r, w = self.rcfg, self.wcfg
-        t = int(self.rng.choice(frames_schedule(self.step_idx, r.steps, w.frames, r.binding_steps)))
+        t = int(self.rng.choice(frames_schedule(self.step_idx, r.steps, w.frames_max or w.frames, r.binding_steps)))
         n = self.adapter.visual_grid(t)[1] * self.adapter.visual_grid(t)[2]
         bs = int(min(r.max_batch, max(4, r.tokens_per_batch // (t * n + 24))))
         # Short clips cannot hold an appear/disappear window or a colour change in the middle.

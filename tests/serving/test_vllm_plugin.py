@@ -123,7 +123,7 @@ def _text_only_model(ref, tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize("case", ["width", "family", "retention_zero", "retention_above_one", "retention_text",
-                                  "disagree", "not_a_compressor"])
+                                  "disagree", "question_aware", "not_a_compressor"])
 def test_bad_input_fails_at_engine_start(reference, tmp_path, case):
     """Each is one ValueError naming the problem, raised while the engine is configured (before
     any weights load), never a silently different answer."""
@@ -146,6 +146,9 @@ def test_bad_input_fails_at_engine_start(reference, tmp_path, case):
         retention, match = 1.5, r"SCORE_RETENTION=1.5 is outside \(0, 1\]"
     elif case == "retention_text":
         retention, match = "ten percent", r"SCORE_RETENTION='ten percent' is not a number"
+    elif case == "question_aware":
+        compressor = str(ScorePolicy(64, PolicyConfig(hidden=32, heads=2, layers=0, question_aware=True)).save_pretrained(tmp_path / "pq"))
+        match = r"is question-aware \(policy.question_aware\): vLLM prunes each video before its question is read"
     elif case == "disagree":
         kwargs, match = {"video_pruning_rate": 0.5}, r"SCORE_RETENTION=0.1 and --video-pruning-rate 0.5 disagree"
     else:
