@@ -164,6 +164,44 @@ def test_policy_store_and_rollout_worker(ray_cluster, assets):
         ray.kill(store)
 
 
+@pytest.mark.ray
+def test_question_aware_rollouts_carry_the_words_to_the_learner(ray_cluster, assets):
+    """With policy.question_aware the rollout actor embeds each sample's prompt with the frozen
+    MLLM's own input embeddings; the words travel in the columnar records and the learner's batch
+    recomputes the behaviour logits from them."""
+    import ray
+    import torch
+
+    from actors.policy_store import create_store, store_name
+    from actors.rollout import RolloutWorker, columns_to_records
+    from actors import data_stream as stream
+    from pipeline.mllm.loader import load_mllm
+    from pipeline.policy import padded_logits
+    from pipeline.trainer import RolloutBatch, init_policy, select_target
+
+    cfg = _cfg(assets, "policy.question_aware=true")
+    name = store_name("unit-qa", "real_video")
+    store = create_store(name)
+    try:
+        pol = init_policy(32, cfg.policy, 0)
+        with torch.no_grad():
+            pol.head.weight.normal_()  # logits that depend on the words
+        ray.get(store.publish.remote(1, pol.state_dict()), timeout=120)  # the first call waits for the store actor to start
+        worker = RolloutWorker(cfg.model_dump(), "real_video", name, seed=1)
+        samples = stream.video_dataset(cfg).take_batch(2, batch_format="numpy")
+        recs = columns_to_records(next(iter(worker(samples))))
+        rb = RolloutBatch.from_records(recs)
+        adapter = load_mllm(cfg.mllm)
+        for b, rec in enumerate(recs):
+            words = adapter.question_embeddings(rec["prompt"])
+            assert words.shape[0] > 0 and np.array_equal(np.asarray(rec["question"]), words.numpy())
+        with torch.no_grad():
+            z = padded_logits(pol, rb.X, rb.grid, rb.steps, rb.question_input())
+        torch.testing.assert_close(z.float(), rb.old_logits, rtol=1e-5, atol=1e-5)
+    finally:
+        ray.kill(store)
+
+
 # ------------------------------------------------------------------------------------- one stage
 @pytest.mark.ray
 @pytest.mark.slow
