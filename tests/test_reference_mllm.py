@@ -55,3 +55,21 @@ def test_small_rebuild_learns_and_is_cached(tmp_path):
     w = WorldConfig(**wj)
     assert spec_hash(ReferenceConfig(), w) == spec_hash(ReferenceConfig(), w.model_copy(update={"videos": 999, "heldout_videos": 7}))
     assert spec_hash(ReferenceConfig(), w) != spec_hash(ReferenceConfig(), w.model_copy(update={"grid": 4}))
+
+
+@pytest.mark.slow
+def test_build_on_a_world_of_several_durations(tmp_path):
+    """A randomized world (frame counts, backgrounds, noise drawn per video): the build trains up to
+    its longest videos and checks itself on every held-out video at its own length, so the
+    calibration's oracle reads each frame's boxes (uniform sampling to the shortest failed it)."""
+    world = tmp_path / "world"
+    subprocess.run([sys.executable, str(ROOT / "jobs/make_world.py"), "--out", str(world), "--images", "0", "--videos", "0",
+                    "--heldout-videos", "12", "--size", "32", "--grid", "2", "--frames", "4-6", "--objects", "1-2",
+                    "--background", "plain,texture", "--noise", "0-0.02", "--set", "world.object_size=0.375",
+                    "--set", "world.jitter=0", "--quiet"], check=True)
+    args = [sys.executable, str(ROOT / "jobs/build_reference_mllm.py"), "--world", str(world), "--out", str(tmp_path / "m"),
+            *[a.replace("STEPS", "30") for a in SMALL], "--set", "reference.binding_steps=10", "--set", "reference.eval_videos=12"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["eval_videos"] == 12 and set(res["calibration"]["0.1"]) == {"random", "uniform", "oracle"}
