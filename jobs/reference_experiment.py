@@ -95,7 +95,7 @@ def main() -> None:
             if not shards and not args.no_shards:
                 shards = load_eval_videos(tr.adapter, str(Path(args.world) / "videos"), args.shard_videos, wcfg.frames, wcfg.size)
             full = evaluate_qa(tr.adapter, shards) if shards else {"accuracy": None, "option_accuracy": None, "per_type": {}}
-            res = {"step": s + 1, "train_s": round(t_train, 1), "loss": round(ema, 3), "aux": round(m["aux_loss"], 3),
+            res = {"step": s + 1, "train_s": round(t_train, 1), "loss": round(ema, 3), "aux": round(m["aux_loss"], 3), "dir": round(m.get("dir_loss", 0.0), 3),
                    "acc": full["accuracy"], "opt": full["option_accuracy"], "types": full["per_type"],
                    **eval_balanced(tr.adapter, items)}
             model.train()

@@ -228,6 +228,11 @@ class ReferenceConfig(_Strict):
     qa_weight: float = Field(1.0, gt=0.0, description="loss weight of a QA sample relative to a caption sample")
     aux_tied: bool = Field(True, description="auxiliary colour/shape heads are the LM's own word embeddings of those words")
     aux_background: bool = Field(False, description="auxiliary heads also classify background tokens (a 'no object' class)")
+    type_weights: dict[Literal["color", "shape", "direction", "change", "order"], float] = Field(
+        default_factory=dict,
+        description="balance_types: relative weight of a question type when drawing it (missing: 1), e.g. {direction: 3} for the hardest, rarest type")
+    direction_aux: float = Field(0.0, ge=0.0, description="weight of an LM-side dense loss: the LM's own head predicts the direction word on a moving object's visual tokens once it has left its first cell")
+    position_aux: float = Field(0.0, ge=0.0, description="weight of a vision-side dense loss: a linear head names each visual token's grid cell (the 1-D RoPE LM gets no 2-D position otherwise)")
     qa_per_sample: int = Field(1, ge=1, description="questions per QA sample: further questions on the same video follow as turns (needs target_eos)")
     codec_aug: float = Field(0.5, ge=0.0, le=1.0, description="share of training videos sent through a 4:2:0 chroma round trip (as the H.264 shards)")
     eval_videos: int = Field(200, ge=1)
@@ -239,6 +244,8 @@ class ReferenceConfig(_Strict):
     def _check(self) -> "ReferenceConfig":
         if self.caption_fraction + self.pseudo_fraction > 1:
             raise ValueError("caption_fraction + pseudo_fraction must be at most 1")
+        if any(w < 0 for w in self.type_weights.values()):
+            raise ValueError(f"type_weights must be >= 0, got {self.type_weights}")
         if self.binding_steps >= self.steps:
             raise ValueError(f"binding_steps ({self.binding_steps}) must be below steps ({self.steps})")
         return self

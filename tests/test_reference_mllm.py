@@ -73,3 +73,30 @@ def test_build_on_a_world_of_several_durations(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["eval_videos"] == 12 and set(res["calibration"]["0.1"]) == {"random", "uniform", "oracle"}
+
+
+@pytest.mark.unit
+def test_direction_labels_and_loss():
+    """The dense direction targets sit on a linearly moving object's token once it has left its
+    first cell, and a pre-training step with ``direction_aux`` trains the LM on them."""
+    from pipeline.data.world import DIRECTIONS, token_directions, token_labels
+    from pipeline.mllm.reference import Pretrainer, build_model, build_tokenizer
+
+    box = lambda cx, cy: [cx * 16 + 2, cy * 16 + 2, cx * 16 + 14, cy * 16 + 14]  # noqa: E731
+    mover = {"id": 0, "shape": "circle", "color": "red", "direction": "right", "new_color": None, "change_at": None,
+             "boxes": [box(0, 1), box(0, 1), box(1, 1), box(2, 1)]}
+    still = {"id": 1, "shape": "square", "color": "blue", "direction": None, "new_color": None, "change_at": None,
+             "boxes": [box(3, 3)] * 4}
+    d = token_directions([mover, still], 4, 64, (4, 4))
+    right = list(DIRECTIONS).index("right")
+    assert (d[:2] == -1).all() and d[2, 1 * 4 + 1] == right and d[3, 1 * 4 + 2] == right and (d >= 0).sum() == 2
+    assert token_labels([mover, still], 4, 64, (4, 4))[0][3, 1 * 4 + 2] >= 0  # the same token as the colour label
+
+    w = WorldConfig(size=32, grid=2, frames=4, motion=["linear"], object_size=0.375, jitter=0, max_objects=2)
+    r = ReferenceConfig(hidden=32, layers=1, heads=2, vision_hidden=16, steps=4, binding_steps=0, tokens_per_batch=256,
+                        direction_aux=1.0, type_weights={"direction": 5.0})
+    tok = build_tokenizer()
+    tr = Pretrainer(r, w, build_model(r, w, tok), tok)
+    tr.step_idx = 3  # past the short-clip part of the schedule: 4-frame clips, objects move
+    m = tr.step()
+    assert m["frames"] >= 2 and m["dir_loss"] > 0

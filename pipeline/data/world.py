@@ -345,6 +345,24 @@ def token_labels(objects: list[dict], frames: int, size: int, grid: tuple[int, i
     return col.reshape(frames, -1), shp.reshape(frames, -1)
 
 
+def token_directions(objects: list[dict], frames: int, size: int, grid: tuple[int, int]) -> np.ndarray:
+    """Dense per-token motion targets, int64 ``[frames, gh*gw]``: index into DIRECTIONS on the
+    token of a linearly moving object in every frame after it has left its first cell (before
+    that its tokens cannot tell the direction), -1 elsewhere. An auxiliary pre-training signal."""
+    gh, gw = grid
+    out = np.full((frames, gh, gw), -1, dtype=np.int64)
+    for o in objects:
+        if not o.get("direction"):
+            continue
+        cells = [None if b is None else (int((b[1] + b[3]) / 2 * gh / size), int((b[0] + b[2]) / 2 * gw / size))
+                 for b in o["boxes"]]
+        start = next((c for c in cells if c is not None), None)
+        for t, c in enumerate(cells):
+            if c is not None and c != start:
+                out[t, min(c[0], gh - 1), min(c[1], gw - 1)] = list(DIRECTIONS).index(o["direction"])
+    return out.reshape(frames, -1)
+
+
 def make_image(cfg: WorldConfig, rng: np.random.Generator) -> dict[str, Any]:
     """One image-caption sample: static objects, caption lists them left to right."""
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))

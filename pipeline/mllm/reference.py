@@ -20,6 +20,10 @@ type uniformly (``balance_types``: direction and order are otherwise ~10% of the
 auxiliary per-token colour/shape heads can be the LM's own word embeddings (``aux_tied``);
 half the clips go through a 4:2:0 chroma round trip (``codec_aug``), the main loss of the H.264
 shards the held-out videos come from; optional multi-turn QA per video (``qa_per_sample``).
+Motion direction (the change of an object's grid cell) gets its own levers: a vision-side head
+naming each token's cell (``position_aux``: the LM's 1-D RoPE carries no 2-D position), an
+LM-side dense loss where the LM's own head emits the direction word on a moving object's tokens
+(``direction_aux``), and a sampling weight per question type (``type_weights``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import torch
 from pipeline.config import ReferenceConfig, WorldConfig
 from pipeline.data.prompts import CAPTION_PROMPT, VIDEO, qa_prompt
 from pipeline.data.pseudo_video import make_pseudo_video
-from pipeline.data.world import COLORS, QUESTION_TYPES, SHAPES, VOCAB, make_image, make_video, sample_rng, token_labels
+from pipeline.data.world import (COLORS, DIRECTIONS, QUESTION_TYPES, SHAPES, VOCAB, make_image, make_video, sample_rng,
+                                 token_directions, token_labels)
 from pipeline.mllm.base import MLLMAdapter
 from pipeline.mllm.llava_onevision import video_features
 from pipeline.mllm.loader import adapter_for
@@ -89,7 +94,11 @@ def spec_hash(rcfg: ReferenceConfig, wcfg: WorldConfig) -> str:
     """Cache key: everything that changes the built model. Not the world's sample counts: the build
     draws its own fresh ``train`` samples by index, so a world with more videos (or more held-out or
     validation ones) reuses the same model."""
-    blob = json.dumps({"reference": rcfg.model_dump(exclude={"eval_videos", "eval_every", "min_qa_accuracy"}),
+    ref = rcfg.model_dump(exclude={"eval_videos", "eval_every", "min_qa_accuracy"})
+    for k, off in (("type_weights", {}), ("direction_aux", 0.0), ("position_aux", 0.0)):
+        if ref[k] == off:  # knobs added later hash only when set: existing builds stay cached
+            del ref[k]
+    blob = json.dumps({"reference": ref,
                        "world": wcfg.model_dump(exclude={"images", "videos", "heldout_videos", "val_videos", "shard_size"}),
                        "version": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -162,8 +171,15 @@ class Pretrainer:
         # visual token is pulled towards the words that describe it (as in a CLIP-aligned tower).
         self.aux_words = {"color": tokenizer.convert_tokens_to_ids(list(COLORS)),
                           "shape": tokenizer.convert_tokens_to_ids(list(SHAPES))}
+        self.direction_words = torch.tensor(tokenizer.convert_tokens_to_ids(list(DIRECTIONS)))
         self.aux_bg = torch.nn.Linear(d, 1)  # aux_background: one "no object here" logit for both heads
+        # position_aux: which grid cell a visual token covers, from the token alone (not saved). The
+        # LM's 1-D RoPE gives no 2-D cell position; direction = the change of an object's cell.
+        # Made only when on: an unused layer would still draw from torch's RNG.
+        cells = self.adapter.visual_grid(1)[1] * self.adapter.visual_grid(1)[2]
+        self.aux_pos = torch.nn.Linear(d, cells) if rcfg.position_aux > 0 else None
         params = list(model.parameters()) + ([] if rcfg.aux_tied else list(self.aux.parameters()))
+        params += list(self.aux_pos.parameters()) if self.aux_pos is not None else []
         params += list(self.aux_bg.parameters()) if rcfg.aux_background else []
         self.opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=0.01)
         self.rng = np.random.default_rng([rcfg.seed, 7])
@@ -216,6 +232,11 @@ class Pretrainer:
                    for j, s in enumerate(imgs) for o in s["objects"]]
         return {"frames": pv["frames"], "caption": pv["caption"], "qa": [], "objects": objects}
 
+    def _qtype(self, types: list[str]) -> str:
+        """A question type drawn among ``types``, weighted by ``type_weights`` (uniform by default)."""
+        p = np.array([self.rcfg.type_weights.get(q, 1.0) for q in types], dtype=float)
+        return types[self.rng.choice(len(types), p=p / p.sum())]
+
     def _lr(self) -> float:
         s, r = self.step_idx, self.rcfg
         if s < r.warmup:
@@ -224,7 +245,8 @@ class Pretrainer:
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str], dict[str, torch.Tensor]]:
         """``(pixels[B,T,3,S,S], keep[B,1,T*N], prompts, targets, labels)`` of fresh training
-        samples; ``labels[name]`` is ``[B,T,N]`` (-1 = background) for the auxiliary heads."""
+        samples; ``labels[name]`` is ``[B,T,N]`` (-1 = background) for the auxiliary heads
+        (``direction``: -1 except on a moving object's tokens, see :func:`token_directions`)."""
         r, w = self.rcfg, self.wcfg
         t = int(self.rng.choice(frames_schedule(self.step_idx, r.steps, w.frames_max or w.frames, r.binding_steps)))
         n = self.adapter.visual_grid(t)[1] * self.adapter.visual_grid(t)[2]
@@ -234,13 +256,13 @@ class Pretrainer:
         short = ("static",) if t < 2 else ("static", "linear", "bounce")
         world = w if t >= 4 else w.model_copy(update={"motion": [m for m in w.motion if m in short] or ["static"]})
         types = sorted({q for q in QUESTION_TYPES if _possible(q, world.motion)})
-        pixels, prompts, targets, colors, shapes, is_qa = [], [], [], [], [], []
+        pixels, prompts, targets, colors, shapes, dirs, is_qa = [], [], [], [], [], [], []
         grid = self.adapter.visual_grid(t)[1:]
         end = f" {self.eos}" if r.target_eos else ""
         for i in range(bs):
             u = self.rng.random()
             caption = u < r.caption_fraction + r.pseudo_fraction
-            want = None if caption else (types[self.rng.integers(len(types))] if r.balance_types else "")
+            want = None if caption else (self._qtype(types) if r.balance_types else "")
             if u < r.pseudo_fraction:
                 v = self._pseudo_video(t)
                 q = None
@@ -253,6 +275,7 @@ class Pretrainer:
             c, sh = token_labels(v["objects"], t, w.size, grid)
             colors.append(torch.from_numpy(c))
             shapes.append(torch.from_numpy(sh))
+            dirs.append(torch.from_numpy(token_directions(v["objects"], t, w.size, grid)))
             if q is None:
                 prompts.append(CAPTION_PROMPT)
                 targets.append(v["caption"] + end)
@@ -272,15 +295,13 @@ class Pretrainer:
                 drop = torch.from_numpy(self.rng.random(t * n) < self.rng.uniform(0, r.token_dropout))
                 drop[self.rng.integers(t * n)] = False  # never an empty video
                 keep[b, 0] = ~drop
-        return torch.stack(pixels), keep, prompts, targets, {"color": torch.stack(colors), "shape": torch.stack(shapes)}
+        return torch.stack(pixels), keep, prompts, targets, {"color": torch.stack(colors), "shape": torch.stack(shapes),
+                                                             "direction": torch.stack(dirs)}
 
-    def _answer_ce(self, X: torch.Tensor, keep: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+    def _answer_ce(self, hidden: torch.Tensor, batch) -> torch.Tensor:
         """Per-sample mean NLL over the answer tokens (the word after ``answer :``, and ``<eos>``)
-        of multi-turn QA targets; caption targets count every token. Same masked path as
-        :meth:`MLLMAdapter.target_ce`."""
+        of multi-turn QA targets; caption targets count every token."""
         ad, tok = self.adapter, self.adapter.tokenizer
-        batch = ad._masked_batch(X, keep, prompts, targets)
-        hidden = ad._lm(batch).last_hidden_state
         ids = batch.input_ids
         pred = batch.target_mask[:, 1:]
         labels = ids[:, 1:]
@@ -293,6 +314,18 @@ class Pretrainer:
         sums = torch.zeros(ids.shape[0]).index_add(0, rows, nll * w)
         return sums / torch.zeros(ids.shape[0]).index_add(0, rows, w).clamp(min=1e-6)
 
+    def _direction_loss(self, hidden: torch.Tensor, batch) -> torch.Tensor:
+        """LM-side dense direction loss: on a moving object's visual tokens (after it left its
+        first cell) the LM's own head must emit the direction word. A token can compare its
+        position with the same object's earlier tokens (causal attention); the answer position
+        then only has to read the direction from the named object, as it reads its colour."""
+        d = batch.side["direction"]  # label + 1 on kept visual tokens, 0 elsewhere
+        on = d > 0
+        if not bool(on.any()):
+            return torch.zeros(())
+        logits = self.adapter.lm_head(hidden[on]).float()
+        return torch.nn.functional.cross_entropy(logits, self.direction_words[d[on] - 1])
+
     def step(self) -> dict:
         t0 = time.perf_counter()
         for g in self.opt.param_groups:
@@ -302,18 +335,30 @@ class Pretrainer:
         feats = video_features(self.model, pixels)[:, :-1]  # drop the image_newline (an always-kept extra)
         B, T = pixels.shape[:2]
         X = feats.reshape(B, T, -1, feats.shape[-1])
-        ce = self._answer_ce(X, keep, prompts, targets) if self.rcfg.qa_per_sample > 1 else \
-            self.adapter.target_ce(X, keep, prompts, targets)[:, 0]
+        # the adapter's masked path (as target_ce, which scores rollouts), run here once for both losses
+        ad = self.adapter
+        side = {"direction": labels["direction"] + 1} if self.rcfg.direction_aux > 0 else None
+        lm_batch = ad._masked_batch(X, keep, prompts, targets, side=side)
+        hidden = ad._lm(lm_batch).last_hidden_state
+        if self.rcfg.qa_per_sample > 1:
+            ce = self._answer_ce(hidden, lm_batch)
+        else:
+            sums, counts = ad._target_nll(hidden, lm_batch)
+            ce = sums / counts.clamp(min=1)
         wts = torch.where(self.last_is_qa, self.rcfg.qa_weight, 1.0)
         lm_loss = (ce * wts).sum() / wts.sum()
         aux_loss = self._aux_loss(X, labels) if self.rcfg.aux_weight > 0 else torch.zeros(())
-        loss = lm_loss + self.rcfg.aux_weight * aux_loss
+        dir_loss = self._direction_loss(hidden, lm_batch) if self.rcfg.direction_aux > 0 else torch.zeros(())
+        loss = lm_loss + self.rcfg.aux_weight * aux_loss + self.rcfg.direction_aux * dir_loss
+        if self.rcfg.position_aux > 0:  # every token's own cell index
+            cells = torch.arange(X.shape[2]).expand(B, T, -1)
+            loss = loss + self.rcfg.position_aux * torch.nn.functional.cross_entropy(self.aux_pos(X).flatten(0, 2), cells.flatten())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
         self.opt.step()
         self.step_idx += 1
-        return {"loss": float(lm_loss.detach()), "aux_loss": float(aux_loss.detach()), "frames": T, "batch": B, "lr": self._lr(),
+        return {"loss": float(lm_loss.detach()), "aux_loss": float(aux_loss.detach()), "dir_loss": float(dir_loss.detach()), "frames": T, "batch": B, "lr": self._lr(),
                 "time_data": t_data, "time_step": time.perf_counter() - t0}
 
 
