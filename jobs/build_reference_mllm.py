@@ -21,7 +21,7 @@ import _bootstrap  # noqa: F401
 
 from pipeline.baselines import SELECTORS
 from pipeline.data.world import heldout_videos
-from pipeline.config import ConfigError, DataConfig, WorldConfig, add_config_args, load_config
+from pipeline.config import ConfigError, WorldConfig, add_config_args, load_config
 from pipeline.data.video import FrameSampling
 from pipeline.evaluation import evaluate_qa, load_eval_videos
 from pipeline.mllm.reference import cached_build, pretrain
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     def held_out(adapter):
         # a world of several durations: each video at its own length (the oracle reads every frame's boxes)
         sampling = wcfg.frames if wcfg.frames_max is None else \
-            FrameSampling.from_config(DataConfig(sampling="fps", fps=wcfg.fps), adapter._frames_for(1))
+            FrameSampling.at_fps(wcfg.fps, adapter._frames_for(1))
         return load_eval_videos(adapter, str(heldout_videos(args.world)), rcfg.eval_videos, sampling, wcfg.size)
 
     t0 = time.perf_counter()

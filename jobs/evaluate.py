@@ -26,7 +26,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from pipeline.config import ConfigError, DataConfig, EvaluationConfig, MLLMConfig, WorldConfig
+from pipeline.config import ConfigError, EvaluationConfig, MLLMConfig, WorldConfig
 from pipeline.data.video import FrameSampling
 from pipeline.data.world import heldout_videos
 from pipeline.evaluation import (BASELINE_ORDER, eval_summary, load_eval_videos, method_selectors, parse_retentions,
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     sampling: int | FrameSampling = frames
     if args.fps is not None:  # the model's temporal patch rounds each video's count
-        sampling = FrameSampling.from_config(DataConfig(sampling="fps", fps=args.fps), adapter._frames_for(1))
+        sampling = FrameSampling.at_fps(args.fps, adapter._frames_for(1))
     videos = load_eval_videos(adapter, str(heldout_videos(world)), args.limit, sampling, wcfg.size,
                               keep_frames=args.timing_videos)
     if not videos:

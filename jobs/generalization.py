@@ -27,7 +27,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from pipeline.config import ConfigError, DataConfig, WorldConfig, add_config_args, load_config
+from pipeline.config import ConfigError, WorldConfig, add_config_args, load_config
 from pipeline.evaluation import BASELINE_ORDER, parse_retentions
 
 IN_DISTRIBUTION = "in-distribution"
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     sampling = base.frames
     if args.fps is not None:
-        sampling = FrameSampling.from_config(DataConfig(sampling="fps", fps=args.fps), adapter._frames_for(1))
+        sampling = FrameSampling.at_fps(args.fps, adapter._frames_for(1))
     results = {}
     for name, root in worlds.items():
         t0 = time.perf_counter()

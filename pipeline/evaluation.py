@@ -278,8 +278,10 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
 
     t0 = time.perf_counter()
     full = evaluate_qa(adapter, videos, None, 1.0, seed=seed, options=options)
-    words = int(round(float(np.mean([adapter.question_embeddings(qa_prompt(v.qa["question"])).shape[0]
-                                     for v in videos[:50]]))))  # a question-aware policy's L, for its FLOPs
+    words = 16  # a question-aware policy's L, for its FLOPs: measured only when one is evaluated
+    if any(getattr(getattr(sel, "policy", None), "cfg", None) and sel.policy.cfg.question_aware for sel in selectors.values()):
+        words = int(round(float(np.mean([adapter.question_embeddings(qa_prompt(v.qa["question"])).shape[0]
+                                         for v in videos[:50]]))))
     full_prefill = time_deployed(adapter, timed, None, 1.0, seed, timing_repeats)["full_prefill_s"]
     full.update(prefill_ms=round(1e3 * full_prefill, 4), length=L_full,
                 flops=float(np.mean([prefill_flops(dims, L) for L in Ls])) if varied else prefill_flops(dims, L_full),

@@ -77,6 +77,14 @@ class FrameSampling:
         m = int(dcfg.frame_multiple or multiple or 1)
         return cls(dcfg.sampling, int(dcfg.video_frames), float(dcfg.fps), int(dcfg.min_frames), int(dcfg.max_frames), m)
 
+    @classmethod
+    def at_fps(cls, fps: float, multiple: int | None = None) -> "FrameSampling":
+        """Each video at ``fps`` frames per second, the other limits ``DataConfig``'s defaults (the
+        evaluation and build jobs' ``--fps``: every held-out video at its own length)."""
+        from pipeline.config import DataConfig
+
+        return cls.from_config(DataConfig(sampling="fps", fps=fps), multiple)
+
     @property
     def lowest(self) -> int:
         """The fewest frames a video needs (``min_frames``; rounded up to ``multiple`` in fps mode)."""
