@@ -3,7 +3,9 @@
     python jobs/build_reference_mllm.py --world runs/world --out .cache/score-tiny [--set reference.steps=3000]
 
 The world's knobs come from ``<world>/world.json`` (training draws fresh samples from the same
-generator, never the held-out shards); held-out accuracy is measured on ``<world>/videos``.
+generator, never the held-out shards); held-out accuracy is measured on ``<world>/heldout/videos``.
+With ``reference.select_videos`` the saved weights are the best of the checkpoints every
+``reference.eval_every`` steps on that many ``<world>/val/videos``.
 Cached by config hash: a second run with the same spec only re-reads the result. Ends with a
 calibration table (random / uniform / oracle selection at 25/10/5% retention) and a JSON line
 ``{"qa_accuracy", "option_accuracy", "build_seconds", "calibration", ...}``.
@@ -20,7 +22,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 
 from pipeline.baselines import SELECTORS
-from pipeline.data.world import heldout_videos
+from pipeline.data.world import VAL, heldout_videos
 from pipeline.config import ConfigError, WorldConfig, add_config_args, load_config
 from pipeline.data.video import FrameSampling
 from pipeline.evaluation import evaluate_qa, load_eval_videos
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise ConfigError(f"--world {args.world}: no world.json (generate it with jobs/make_world.py)")
         wcfg = WorldConfig.model_validate_json(world_json.read_text())
         heldout_videos(args.world)
+        if cfg.reference.select_videos and not (Path(args.world) / VAL).is_dir():
+            raise ConfigError(f"reference.select_videos: {args.world} has no validation videos ({VAL}/): "
+                              f"regenerate it with python jobs/make_world.py --out {args.world}")
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     rcfg = cfg.reference
@@ -69,11 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.mllm.loader import load_mllm
     from pipeline.config import MLLMConfig
 
-    def held_out(adapter):
+    def held_out(adapter, root=None, limit=None):
         # a world of several durations: each video at its own length (the oracle reads every frame's boxes)
         sampling = wcfg.frames if wcfg.frames_max is None else \
             FrameSampling.at_fps(wcfg.fps, adapter._frames_for(1))
-        return load_eval_videos(adapter, str(heldout_videos(args.world)), rcfg.eval_videos, sampling, wcfg.size)
+        return load_eval_videos(adapter, str(root or heldout_videos(args.world)), limit or rcfg.eval_videos, sampling, wcfg.size)
 
     t0 = time.perf_counter()
     summary = None if args.force else cached_build(args.out, rcfg, wcfg)
@@ -86,7 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
                 cache["videos"] = held_out(adapter)
             return evaluate_qa(adapter, cache["videos"])
 
-        summary = pretrain(rcfg, wcfg, args.out, evaluate=evaluate)
+        def select(adapter):
+            if "val" not in cache:
+                cache["val"] = held_out(adapter, Path(args.world) / VAL, rcfg.select_videos)
+            return evaluate_qa(adapter, cache["val"])
+
+        summary = pretrain(rcfg, wcfg, args.out, evaluate=evaluate, select=select if rcfg.select_videos else None)
     build_seconds = round(time.perf_counter() - t0, 1) if not cached else summary["train_seconds"]
     # Measured on the saved model as it loads from disk (the same path every user takes).
     adapter = load_mllm(MLLMConfig(path=args.out, dtype="float32"))
@@ -96,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         "qa_accuracy": full["accuracy"], "option_accuracy": full["option_accuracy"],
         "per_type": full["per_type"], "eval_videos": full["n"],
         "build_seconds": build_seconds, "cached": cached, "out": args.out,
+        "selected_step": summary.get("selected_step", rcfg.steps),
     }
     if not args.no_calibration:
         table = calibration(adapter, videos, seed=rcfg.seed)

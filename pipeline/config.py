@@ -237,6 +237,7 @@ class ReferenceConfig(_Strict):
     codec_aug: float = Field(0.5, ge=0.0, le=1.0, description="share of training videos sent through a 4:2:0 chroma round trip (as the H.264 shards)")
     eval_videos: int = Field(200, ge=1)
     eval_every: int = Field(500, ge=1)
+    select_videos: int = Field(0, ge=0, description="validation videos (<world>/val/videos) scored every eval_every steps and at the end: the build keeps the best-scoring weights, not the last (0: the last)")
     seed: int = 0
     min_qa_accuracy: float = Field(0.9, ge=0.0, le=1.0, description="the build fails below this on held-out videos")
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import MLLMConfig, ReferenceConfig, WorldConfig
 from pipeline.mllm.loader import load_mllm
@@ -100,3 +101,29 @@ def test_direction_labels_and_loss():
     tr.step_idx = 3  # past the short-clip part of the schedule: 4-frame clips, objects move
     m = tr.step()
     assert m["frames"] >= 2 and m["dir_loss"] > 0
+
+
+@pytest.mark.unit
+def test_build_keeps_the_best_checkpoint_on_validation(tmp_path):
+    """``select`` scores a candidate every ``eval_every`` steps and at the end; the saved model is
+    the best one's weights (here the step-4 candidate), not the last."""
+    from pipeline.mllm.reference import pretrain
+
+    w = WorldConfig(size=32, grid=2, frames=4, object_size=0.375, jitter=0, max_objects=1)
+    r = ReferenceConfig(hidden=32, layers=1, heads=2, vision_hidden=16, steps=6, binding_steps=0, warmup=0,
+                        tokens_per_batch=256, eval_every=2, select_videos=8)
+    seen, scores = [], iter([0.5, 0.9, 0.7])  # steps 2, 4 and the end (6)
+
+    def select(adapter):
+        seen.append({k: v.clone() for k, v in adapter.model.state_dict().items()})
+        return {"accuracy": next(scores), "n": 8}
+
+    summary = pretrain(r, w, tmp_path / "m", progress=False, select=select)
+    assert summary["selected_step"] == 4 and [h["step"] for h in summary["history"]] == [2, 4, 6]
+    saved = load_mllm(MLLMConfig(path=str(tmp_path / "m"))).model.state_dict()
+    assert any(not torch.equal(seen[1][k], seen[2][k]) for k in seen[1])  # training moved on after step 4 ...
+    assert all(torch.equal(saved[k], seen[1][k]) for k in seen[1])  # ... and the step-4 weights were saved
+    # the choice depends on the candidates: eval_every enters the cache key only with select_videos
+    assert spec_hash(r, w) != spec_hash(r.model_copy(update={"eval_every": 3}), w)
+    plain = r.model_copy(update={"select_videos": 0})
+    assert spec_hash(plain, w) == spec_hash(plain.model_copy(update={"eval_every": 3}), w) != spec_hash(r, w)

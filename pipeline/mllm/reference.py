@@ -94,8 +94,9 @@ def spec_hash(rcfg: ReferenceConfig, wcfg: WorldConfig) -> str:
     """Cache key: everything that changes the built model. Not the world's sample counts: the build
     draws its own fresh ``train`` samples by index, so a world with more videos (or more held-out or
     validation ones) reuses the same model."""
-    ref = rcfg.model_dump(exclude={"eval_videos", "eval_every", "min_qa_accuracy"})
-    for k, off in (("type_weights", {}), ("direction_aux", 0.0), ("position_aux", 0.0)):
+    # eval_every picks the candidate checkpoints only when the build selects one on validation
+    ref = rcfg.model_dump(exclude={"eval_videos", "min_qa_accuracy"} | ({"eval_every"} if not rcfg.select_videos else set()))
+    for k, off in (("type_weights", {}), ("direction_aux", 0.0), ("position_aux", 0.0), ("select_videos", 0)):
         if ref[k] == off:  # knobs added later hash only when set: existing builds stay cached
             del ref[k]
     blob = json.dumps({"reference": ref,
@@ -363,9 +364,15 @@ class Pretrainer:
 
 
 def pretrain(rcfg: ReferenceConfig, wcfg: WorldConfig, out: str | Path,
-             evaluate: Callable[[MLLMAdapter], dict] | None = None, progress: bool = True) -> dict:
-    """Build, pre-train and save score-tiny to ``out`` (``save_pretrained`` + safetensors).
-    ``evaluate(adapter)`` runs every ``eval_every`` steps and at the end; returns the summary."""
+             evaluate: Callable[[MLLMAdapter], dict] | None = None, progress: bool = True,
+             select: Callable[[MLLMAdapter], dict] | None = None) -> dict:
+    """Build, pre-train and save score-tiny to ``out`` (``save_pretrained`` + safetensors); returns
+    the summary. ``evaluate(adapter)`` (held-out) runs at the end, and every ``eval_every`` steps
+    for the history when there is no ``select``. ``select(adapter)`` (validation videos, returns
+    ``{"accuracy", ...}``) runs every ``eval_every`` steps and at the end: the saved model is the
+    best-scoring candidate (the later one on a tie), ``summary["selected_step"]`` says which. A
+    build's accuracy moves several points between neighbouring checkpoints, so the last one is a
+    draw; the choice never sees the held-out videos."""
     from tqdm import tqdm
 
     torch.manual_seed(rcfg.seed)
@@ -376,28 +383,41 @@ def pretrain(rcfg: ReferenceConfig, wcfg: WorldConfig, out: str | Path,
     history: list[dict] = []
     bar = tqdm(range(rcfg.steps), desc="pre-train score-tiny", disable=not progress, mininterval=5)
     ema = None
+    best = None  # (validation accuracy, step, weights) of the best candidate so far
     for s in bar:
         m = trainer.step()
         ema = m["loss"] if ema is None else 0.98 * ema + 0.02 * m["loss"]
         # refresh=False: drawn at the bar's own interval (every step would bloat non-tty logs)
         bar.set_postfix(loss=f"{ema:.3f}", aux=f"{m['aux_loss']:.3f}", T=m["frames"], B=m["batch"], refresh=False)
-        if evaluate is not None and (s + 1) % rcfg.eval_every == 0 and s + 1 < rcfg.steps:
+        probe = select if select is not None else evaluate
+        if probe is not None and (s + 1) % rcfg.eval_every == 0 and s + 1 < rcfg.steps:
             model.eval()
-            res = evaluate(trainer.adapter)
+            res = probe(trainer.adapter)
             model.train()
             history.append({"step": s + 1, "loss": round(ema, 4), **res})
             bar.write(f"step {s + 1}: loss {ema:.3f} {json.dumps(res)}")
+            if select is not None and (best is None or res["accuracy"] >= best[0]):
+                best = (res["accuracy"], s + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     train_seconds = time.perf_counter() - t0
+    selected = {}
+    if select is not None:
+        res = select(trainer.adapter)
+        history.append({"step": rcfg.steps, "loss": round(ema, 4), **res})
+        if best is not None and res["accuracy"] < best[0]:
+            model.load_state_dict(best[2])
+        step = rcfg.steps if best is None or res["accuracy"] >= best[0] else best[1]
+        selected = {"selected_step": step}
+        print(f"selected the step-{step} weights on {res.get('n', '?')} validation videos", flush=True)
     final = evaluate(trainer.adapter) if evaluate is not None else {}
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    summary = {"train_seconds": round(train_seconds, 1), "loss": round(ema or 0.0, 4), "history": history, **final}
+    summary = {"train_seconds": round(train_seconds, 1), "loss": round(ema or 0.0, 4), "history": history, **selected, **final}
     (tmp / "build.json").write_text(json.dumps({"hash": spec_hash(rcfg, wcfg), "reference": rcfg.model_dump(),
                                                 "world": wcfg.model_dump(), "summary": summary}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
