@@ -260,6 +260,10 @@ class PolicyConfig(_Strict):
     init_keep_logit: float = Field(2.0, description="initial logit of every token: keep prob sigmoid(this)")
     mlp_ratio: int = Field(2, ge=1, description="transformer MLP width = mlp_ratio * hidden")
     min_per_frame: int = Field(0, ge=0, description="inference top-K: best tokens forced per frame first")
+    video_scale: bool = Field(False, description="token and residual features are divided by the video's median token norm "
+                              "(not LayerNorm'd per token, which discards the scale where a vision tower marks salience) and each "
+                              "token's log-norm ratio to that median is an input: on photographic backgrounds it keeps the policy "
+                              "on the objects (configs/generalization.yaml; EXPERIMENTS.md)")
     question_aware: bool = Field(False, description="the policy also reads the question (the frozen MLLM's input embeddings "
                                  "of the prompt's words) through cross-attention; selection then happens per question, "
                                  "after it is known (the default, question-agnostic policy compresses a video once for any question)")

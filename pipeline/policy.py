@@ -7,7 +7,13 @@ tokens per frame, row-major):
 * surprise ``u[t, i] = ||R[t, i]|| / (||X[t, i]|| + eps)`` (clamped to ``[0, 10]``);
 * token input ``[LN(W_x X), LN(W_r R), u, time emb, grid-position emb]`` -> Linear -> ``d``. The
   time embedding is a fixed sinusoid of the frame index (any T, no table to outgrow); the grid
-  embedding is a fixed 2-D sinusoid of (row, col) (any grid). Both are mixed by the input Linear.
+  embedding is a fixed 2-D sinusoid of (row, col) (any grid). Both are mixed by the input Linear;
+* ``video_scale=True``: ``W_x X / s`` and ``W_r R / s`` replace the LayerNorms, ``s`` the median
+  token norm over the video, and the magnitude ``m[t, i] = log(||X[t, i]|| / s)`` (clamped to
+  ``[-5, 5]``) is one more input. A per-token LayerNorm discards each token's scale, which is
+  where a vision tower marks salient content (on score-tiny an object's token has ~3x a
+  background token's norm, on every background); relative to the video's own median it stays
+  unit-free, so a brighter world or another model does not move it.
 
 Trunk: ``layers`` pre-LN transformer blocks. ``factorized=True``: spatial attention within each
 frame (sequence N), then temporal attention along each grid position (sequence T), then an MLP;
@@ -54,6 +60,7 @@ Tensor = torch.Tensor
 
 SURPRISE_EPS = 1e-6
 SURPRISE_MAX = 10.0
+MAGNITUDE_MAX = 5.0
 TIME_EMB = 32  # sinusoid features of the frame index
 POS_EMB = 32  # 16 for the row, 16 for the column
 CONFIG_NAME = "config.json"
@@ -76,6 +83,20 @@ def surprise_state(X: Tensor) -> tuple[Tensor, Tensor]:
     R[:, 1:] = X[:, 1:] - X[:, :-1]
     u = R.norm(dim=-1) / (X.norm(dim=-1) + SURPRISE_EPS)
     return R, u
+
+
+def video_scale(X: Tensor, frame_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``X[B, T, N, D]`` -> ``(s[B], m[B, T, N])``: each sample's median token norm over its real
+    frames (``frame_mask[B, T]``) and every token's ``log(||x|| / s)``, clamped to ``[-5, 5]``
+    (padded frames: 0)."""
+    n = X.norm(dim=-1).clamp_min(SURPRISE_EPS)  # [B, T, N]
+    if frame_mask is None:
+        s = n.flatten(1).median(dim=1).values
+    else:
+        fm = frame_mask.to(torch.bool)
+        s = torch.stack([n[i][fm[i]].median() if fm[i].any() else n.new_tensor(1.0) for i in range(n.shape[0])])
+    m = (n / s[:, None, None]).log().clamp(-MAGNITUDE_MAX, MAGNITUDE_MAX)
+    return s, (m if frame_mask is None else m * frame_mask.to(m.dtype)[:, :, None])
 
 
 class _Attention(nn.Module):
@@ -220,10 +241,11 @@ class ScorePolicy(nn.Module):
         self.embed_dim = int(embed_dim)
         self.cfg = cfg
         self.w_x = nn.Linear(embed_dim, d)
-        self.ln_x = nn.LayerNorm(d)
         self.w_r = nn.Linear(embed_dim, d)
-        self.ln_r = nn.LayerNorm(d)
-        self.inp = nn.Linear(2 * d + 1 + int(cfg.question_aware) + TIME_EMB + POS_EMB, d)
+        if not cfg.video_scale:
+            self.ln_x = nn.LayerNorm(d)
+            self.ln_r = nn.LayerNorm(d)
+        self.inp = nn.Linear(2 * d + 1 + int(cfg.video_scale) + int(cfg.question_aware) + TIME_EMB + POS_EMB, d)
         self.blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.mlp_ratio, cfg.factorized) for _ in range(cfg.layers))
         if cfg.question_aware:
             self.w_q = nn.Linear(embed_dim, d)
@@ -276,7 +298,12 @@ class ScorePolicy(nn.Module):
         X = X.to(self.head.weight.dtype)
         R, u = surprise_state(X)
         emb = self._embeddings(t, gh, gw, X.device, X.dtype)
-        parts = [self.ln_x(self.w_x(X)), self.ln_r(self.w_r(R)), u.clamp(max=SURPRISE_MAX)[..., None]]
+        if self.cfg.video_scale:
+            scale, m = video_scale(X, frame_mask)
+            scale = scale[:, None, None, None]
+            parts = [self.w_x(X / scale), self.w_r(R / scale), u.clamp(max=SURPRISE_MAX)[..., None], m[..., None]]
+        else:
+            parts = [self.ln_x(self.w_x(X)), self.ln_r(self.w_r(R)), u.clamp(max=SURPRISE_MAX)[..., None]]
         if question is not None:
             Q, qm = question
             if Q.dim() != 3 or Q.shape[0] != b or Q.shape[-1] != self.embed_dim or tuple(qm.shape) != tuple(Q.shape[:2]):
@@ -304,7 +331,7 @@ class ScorePolicy(nn.Module):
         video of ``T`` frames x ``N`` tokens (a question-aware policy: and ``L`` question words)."""
         d, D, r = self.cfg.hidden, self.embed_dim, self.cfg.mlp_ratio
         m = T * N
-        macs = m * (2 * D * d + (2 * d + 1 + TIME_EMB + POS_EMB) * d + d)  # W_x, W_r, input, head
+        macs = m * (2 * D * d + (2 * d + 1 + int(self.cfg.video_scale) + TIME_EMB + POS_EMB) * d + d)  # W_x, W_r, input, head
         if self.cfg.question_aware:  # words D -> d, their keys/values, token queries + output, QK^T and AV
             macs += m * L * D + L * D * d + (L + 1) * 2 * d * d + m * 2 * d * d + m * 2 * (L + 1) * d
         for _ in range(self.cfg.layers):
@@ -332,7 +359,7 @@ class ScorePolicy(nn.Module):
         """Load what :meth:`save_pretrained` wrote, from a local folder or an ``s3://`` prefix
         (downloaded first; ``s3``: the endpoint, else the AWS environment's). Unknown config keys
         (a newer writer's extra fields) are ignored; missing ones take :class:`PolicyConfig`
-        defaults."""
+        defaults (a policy saved before ``video_scale`` existed loads with it off, as it was built)."""
         if str(directory).startswith("s3://"):  # storage (pyarrow, boto3) only for S3: the vLLM plugin's venv has neither
             import tempfile
 

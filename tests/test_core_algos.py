@@ -5,6 +5,7 @@ Unit tests plus hypothesis property tests; CPU, tiny shapes, a few seconds in al
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from pipeline.select import SelectionContext, budget
 from pipeline.config import PolicyConfig, StageConfig, load_config
 from pipeline.loss import clipped_surrogate_loss
-from pipeline.policy import ScorePolicy, surprise_state
+from pipeline.policy import ScorePolicy, surprise_state, video_scale
 from pipeline.rewards import (
     bernoulli_entropy,
     bernoulli_logprob,
@@ -431,6 +432,43 @@ def test_surprise_state_and_flops():
     assert 1e6 < pol.num_params() < 3e6
     assert pol.flops(32, 196) < 0.02 * 2 * 0.36e9 * 32 * 196  # < 2% of a 0.5B LLM's prefill
     assert ScorePolicy(896, PolicyConfig(factorized=False)).flops(32, 196) > pol.flops(32, 196)
+
+
+@pytest.mark.unit
+def test_video_scale_is_unit_free_and_ignores_padding():
+    torch.manual_seed(0)
+    X = torch.nn.functional.normalize(torch.randn(1, 3, 4, 8), dim=-1)  # every token norm 1 ...
+    X[0, 1, 2] *= 3.0  # ... but one
+    s, m = video_scale(X)
+    assert torch.allclose(s, torch.ones(1)) and m.shape == (1, 3, 4) and torch.allclose(m[0, 1, 2], torch.tensor(3.0).log())
+    assert m.flatten()[m.flatten() != m[0, 1, 2]].abs().max() < 1e-5
+    s7, m7 = video_scale(7.5 * X)  # a brighter world or a wider model: the same cue
+    assert torch.allclose(s7, 7.5 * s) and torch.allclose(m7, m, atol=1e-5)
+    padded = torch.cat([X, torch.zeros(1, 2, 4, 8)], 1)  # two zero frames: not part of the median, cue 0
+    sp, mp = video_scale(padded, torch.tensor([[True] * 3 + [False] * 2]))
+    assert torch.allclose(sp, s) and torch.allclose(mp[:, :3], m, atol=1e-6) and torch.all(mp[:, 3:] == 0)
+    assert all(t.isfinite().all() for t in video_scale(torch.zeros(1, 2, 2, 4)))  # an all-black video: finite
+    # the policy's own scores depend on the video only up to its scale (the per-token LayerNorm's
+    # invariance, kept per video): a scaled copy of a video scores the same
+    pol = ScorePolicy(8, PolicyConfig(**TINY, video_scale=True))
+    torch.nn.init.normal_(pol.head.weight, std=0.5)
+    V = torch.randn(2, 6, 8) * torch.rand(2, 6, 1) * 3
+    assert torch.allclose(pol(V, (2, 3)), pol(4.0 * V, (2, 3)), atol=1e-4)
+    assert not torch.allclose(pol(V, (2, 3)), pol(V * torch.tensor([1.0] * 5 + [4.0])[None, :, None], (2, 3)), atol=1e-3)
+
+
+@pytest.mark.unit
+def test_policy_saved_before_video_scaling_still_loads(tmp_path):
+    old = ScorePolicy(8, PolicyConfig(**TINY, video_scale=False))
+    old.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    del meta["video_scale"]  # what an older writer left
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    back = ScorePolicy.from_pretrained(tmp_path)
+    X = torch.randn(2, 6, 8)
+    assert not back.cfg.video_scale and torch.equal(back(X, (2, 3)), old(X, (2, 3)))
+    new = ScorePolicy(8, PolicyConfig(**TINY, video_scale=True))
+    assert new.cfg.video_scale and new.inp.in_features == old.inp.in_features + 1 and not hasattr(new, "ln_x")
 
 
 @pytest.mark.unit

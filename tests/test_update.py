@@ -176,8 +176,9 @@ def make_mixed_batch(policy: torch.nn.Module, seed: int = 0) -> RolloutBatch:
 
 
 @pytest.mark.unit
-def test_torch_optimizer_on_a_mixed_length_batch():
-    pol = init_policy(D, SMALL_POLICY, 0)
+@pytest.mark.parametrize("video_scale", [False, True])
+def test_torch_optimizer_on_a_mixed_length_batch(video_scale):
+    pol = init_policy(D, SMALL_POLICY.model_copy(update={"video_scale": video_scale}), 0)
     batch, before = make_mixed_batch(pol), weights_sha(pol)
     m = up.ppo_update(up.TorchOptimizer(pol, scfg()), batch, scfg())
     assert weights_sha(pol) != before and m[up.SKIPPED] == 0 and math.isfinite(m[up.GRAD_NORM])
@@ -186,8 +187,9 @@ def test_torch_optimizer_on_a_mixed_length_batch():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage,policy_cfg", [(0, SMALL_POLICY), (1, SMALL_POLICY),
-                                                   (0, SMALL_POLICY.model_copy(update={"question_aware": True}))],
-                         ids=["zero0", "zero1", "zero0-question-aware"])
+                                                   (0, SMALL_POLICY.model_copy(update={"question_aware": True})),
+                                                   (0, SMALL_POLICY.model_copy(update={"video_scale": True}))],
+                         ids=["zero0", "zero1", "zero0-question-aware", "zero0-video-scale"])
 def test_deepspeed_and_torch_take_the_same_update_on_mixed_lengths(one_rank, zero_stage, policy_cfg):
     """The DeepSpeed engine runs one forward per length group (padded_logits) and one backward:
     the same update as the torch path, on batches whose samples differ in T' (and, for a
@@ -203,8 +205,10 @@ def test_deepspeed_and_torch_take_the_same_update_on_mixed_lengths(one_rank, zer
         m_ref, m_ds = up.ppo_update(torch_opt, b, cfg), up.ppo_update(ds_opt, b, cfg)
         for k in (up.LOSS, up.GRAD_NORM, up.KEEP_PROB, up.APPROX_KL, up.REWARD, up.ADV_STD):
             assert m_ds[k] == pytest.approx(m_ref[k], rel=1e-4, abs=1e-6), (step, k)
+    # Adam divides by sqrt(v): where a gradient is near zero, a float32 summation-order difference
+    # between the two backwards (it depends on the thread count) moves a weight by ~1e-5
     for (k, a), b in zip(ref.state_dict().items(), ds_opt.engine.module.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-5, msg=lambda m, k=k: f"{k}: {m}")
     assert weights_sha(ref) != weights_sha(init_policy(D, policy_cfg, 0))
     if policy_cfg.question_aware:  # the words reached the update: the zero-initialised read-out moved
         assert float(ref.cross.out.weight.detach().abs().sum()) > 0
