@@ -90,11 +90,8 @@ def video_scale(X: Tensor, frame_mask: Tensor | None = None) -> tuple[Tensor, Te
     frames (``frame_mask[B, T]``) and every token's ``log(||x|| / s)``, clamped to ``[-5, 5]``
     (padded frames: 0)."""
     n = X.norm(dim=-1).clamp_min(SURPRISE_EPS)  # [B, T, N]
-    if frame_mask is None:
-        s = n.flatten(1).median(dim=1).values
-    else:
-        fm = frame_mask.to(torch.bool)
-        s = torch.stack([n[i][fm[i]].median() if fm[i].any() else n.new_tensor(1.0) for i in range(n.shape[0])])
+    real = n if frame_mask is None else n.masked_fill(~frame_mask.to(torch.bool)[:, :, None], float("nan"))
+    s = real.flatten(1).nanmedian(dim=1).values.nan_to_num(1.0)  # no real frame at all: 1
     m = (n / s[:, None, None]).log().clamp(-MAGNITUDE_MAX, MAGNITUDE_MAX)
     return s, (m if frame_mask is None else m * frame_mask.to(m.dtype)[:, :, None])
 

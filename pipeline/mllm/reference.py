@@ -384,12 +384,12 @@ def pretrain(rcfg: ReferenceConfig, wcfg: WorldConfig, out: str | Path,
     bar = tqdm(range(rcfg.steps), desc="pre-train score-tiny", disable=not progress, mininterval=5)
     ema = None
     best = None  # (validation accuracy, step, weights) of the best candidate so far
+    probe = select if select is not None else evaluate
     for s in bar:
         m = trainer.step()
         ema = m["loss"] if ema is None else 0.98 * ema + 0.02 * m["loss"]
         # refresh=False: drawn at the bar's own interval (every step would bloat non-tty logs)
         bar.set_postfix(loss=f"{ema:.3f}", aux=f"{m['aux_loss']:.3f}", T=m["frames"], B=m["batch"], refresh=False)
-        probe = select if select is not None else evaluate
         if probe is not None and (s + 1) % rcfg.eval_every == 0 and s + 1 < rcfg.steps:
             model.eval()
             res = probe(trainer.adapter)
@@ -406,9 +406,10 @@ def pretrain(rcfg: ReferenceConfig, wcfg: WorldConfig, out: str | Path,
     if select is not None:
         res = select(trainer.adapter)
         history.append({"step": rcfg.steps, "loss": round(ema, 4), **res})
+        step = rcfg.steps
         if best is not None and res["accuracy"] < best[0]:
             model.load_state_dict(best[2])
-        step = rcfg.steps if best is None or res["accuracy"] >= best[0] else best[1]
+            step = best[1]
         selected = {"selected_step": step}
         print(f"selected the step-{step} weights on {res.get('n', '?')} validation videos", flush=True)
     final = evaluate(trainer.adapter) if evaluate is not None else {}
