@@ -25,7 +25,7 @@ from pipeline.baselines import SELECTORS
 from pipeline.data.world import VAL, heldout_videos
 from pipeline.config import ConfigError, WorldConfig, add_config_args, load_config
 from pipeline.data.video import FrameSampling
-from pipeline.evaluation import evaluate_qa, load_eval_videos
+from pipeline.evaluation import evaluate_qa, load_eval_videos, reencode
 from pipeline.mllm.reference import cached_build, pretrain
 
 RETENTIONS = (0.25, 0.10, 0.05)
@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.mllm.loader import load_mllm
     from pipeline.config import MLLMConfig
 
-    def held_out(adapter, root=None, limit=None):
+    def held_out(adapter, root=None, limit=None, keep_frames=0):
         # a world of several durations: each video at its own length (the oracle reads every frame's boxes)
         sampling = wcfg.frames if wcfg.frames_max is None else \
             FrameSampling.at_fps(wcfg.fps, adapter._frames_for(1))
-        return load_eval_videos(adapter, str(root or heldout_videos(args.world)), limit or rcfg.eval_videos, sampling, wcfg.size)
+        return load_eval_videos(adapter, str(root or heldout_videos(args.world)), limit or rcfg.eval_videos, sampling, wcfg.size,
+                                keep_frames=keep_frames)
 
     t0 = time.perf_counter()
     summary = None if args.force else cached_build(args.out, rcfg, wcfg)
@@ -86,15 +87,16 @@ def main(argv: list[str] | None = None) -> dict:
     if not cached:
         cache: dict = {}
 
+        # Decoded once; encoded at every probe by the vision tower as it is then (it trains too).
         def evaluate(adapter):
             if "videos" not in cache:
-                cache["videos"] = held_out(adapter)
-            return evaluate_qa(adapter, cache["videos"])
+                cache["videos"] = held_out(adapter, keep_frames=rcfg.eval_videos)
+            return evaluate_qa(adapter, reencode(adapter, cache["videos"]))
 
         def select(adapter):
             if "val" not in cache:
-                cache["val"] = held_out(adapter, Path(args.world) / VAL, rcfg.select_videos)
-            return evaluate_qa(adapter, cache["val"])
+                cache["val"] = held_out(adapter, Path(args.world) / VAL, rcfg.select_videos, keep_frames=rcfg.select_videos)
+            return evaluate_qa(adapter, reencode(adapter, cache["val"]))
 
         summary = pretrain(rcfg, wcfg, args.out, evaluate=evaluate, select=select if rcfg.select_videos else None)
     build_seconds = round(time.perf_counter() - t0, 1) if not cached else summary["train_seconds"]

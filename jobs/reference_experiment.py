@@ -22,7 +22,7 @@ import torch
 from pipeline.config import WorldConfig, add_config_args, load_config
 from pipeline.data.prompts import qa_prompt
 from pipeline.data.world import QUESTION_TYPES, make_video, sample_rng
-from pipeline.evaluation import answer_word, evaluate_qa, load_eval_videos
+from pipeline.evaluation import answer_word, evaluate_qa, load_eval_videos, reencode
 from pipeline.mllm.reference import Pretrainer, build_model, build_tokenizer
 
 
@@ -93,8 +93,9 @@ def main() -> None:
         if (s + 1) % args.eval_every == 0 or s + 1 == rcfg.steps:
             model.eval()
             if not shards and not args.no_shards:
-                shards = load_eval_videos(tr.adapter, str(Path(args.world) / "videos"), args.shard_videos, wcfg.frames, wcfg.size)
-            full = evaluate_qa(tr.adapter, shards) if shards else {"accuracy": None, "option_accuracy": None, "per_type": {}}
+                shards = load_eval_videos(tr.adapter, str(Path(args.world) / "videos"), args.shard_videos, wcfg.frames, wcfg.size,
+                                          keep_frames=args.shard_videos)
+            full = evaluate_qa(tr.adapter, reencode(tr.adapter, shards)) if shards else {"accuracy": None, "option_accuracy": None, "per_type": {}}
             res = {"step": s + 1, "train_s": round(t_train, 1), "loss": round(ema, 3), "aux": round(m["aux_loss"], 3), "dir": round(m.get("dir_loss", 0.0), 3),
                    "acc": full["accuracy"], "opt": full["option_accuracy"], "types": full["per_type"],
                    **eval_balanced(tr.adapter, items)}

@@ -232,6 +232,8 @@ class ReferenceConfig(_Strict):
         default_factory=dict,
         description="balance_types: relative weight of a question type when drawing it (missing: 1), e.g. {direction: 3} for the hardest, rarest type")
     direction_aux: float = Field(0.0, ge=0.0, description="weight of an LM-side dense loss: the LM's own head predicts the direction word on a moving object's visual tokens once it has left its first cell")
+    direction_layer: int = Field(0, ge=0, description="direction_aux is read after this many LM layers through the final norm and head "
+                                 "(0: the last layer), so the direction is formed where later layers' answer positions can still read it")
     position_aux: float = Field(0.0, ge=0.0, description="weight of a vision-side dense loss: a linear head names each visual token's grid cell (the 1-D RoPE LM gets no 2-D position otherwise)")
     qa_per_sample: int = Field(1, ge=1, description="questions per QA sample: further questions on the same video follow as turns (needs target_eos)")
     codec_aug: float = Field(0.5, ge=0.0, le=1.0, description="share of training videos sent through a 4:2:0 chroma round trip (as the H.264 shards)")
@@ -247,6 +249,8 @@ class ReferenceConfig(_Strict):
             raise ValueError("caption_fraction + pseudo_fraction must be at most 1")
         if any(w < 0 for w in self.type_weights.values()):
             raise ValueError(f"type_weights must be >= 0, got {self.type_weights}")
+        if self.direction_layer > self.layers:
+            raise ValueError(f"direction_layer ({self.direction_layer}) must be at most layers ({self.layers})")
         if self.binding_steps >= self.steps:
             raise ValueError(f"binding_steps ({self.binding_steps}) must be below steps ({self.steps})")
         return self

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -38,7 +38,7 @@ class EvalVideo:
     qa: dict
     objects: list[dict]
     frame_hw: tuple[int, int]
-    frames: Any = None  # the decoded frames, kept for the timed videos only (load_eval_videos keep_frames)
+    frames: Any = None  # the decoded frames, kept for the first keep_frames videos (timing, reencode)
     side: dict = field(default_factory=dict)  # the family's side features ([T', N, ...]; DeepStack)
 
 
@@ -63,6 +63,18 @@ def load_eval_videos(adapter: MLLMAdapter, video_root: str, limit: int, num_fram
                                  v["frames"] if len(out) < keep_frames else None, side))
             if len(out) >= limit:
                 return out
+    return out
+
+
+def reencode(adapter: MLLMAdapter, videos: list[EvalVideo]) -> list[EvalVideo]:
+    """The same videos encoded by ``adapter``'s current weights (loaded with ``keep_frames``): a
+    model still in training must not be scored on tokens its earlier vision tower made."""
+    if any(v.frames is None for v in videos):
+        raise ValueError("reencode needs the decoded frames: load the videos with keep_frames")
+    out = []
+    for v in videos:
+        X, side = adapter.encode_video_with_side(v.frames)
+        out.append(replace(v, X=X, side=side))
     return out
 
 

@@ -321,3 +321,25 @@ def test_generalization_job_one_table_over_worlds(assets, tmp_path, capsys):
     assert "generating noisy" not in capsys.readouterr().out
     with pytest.raises(SystemExit, match="evaluation.shifts is empty"):
         _job("generalization").main(args[2:] + ["--set", "world.frames=4"])
+
+
+@pytest.mark.slow
+def test_reencode_uses_the_current_weights(assets):
+    """A model still in training is scored on tokens from its vision tower as it is now: ``reencode``
+    encodes the kept frames again (a build's probes once reused the first probe's tokens)."""
+    from pipeline.config import MLLMConfig
+    from pipeline.evaluation import load_eval_videos, reencode
+    from pipeline.mllm.loader import load_mllm
+
+    adapter = load_mllm(MLLMConfig(path=str(assets / "mllm")))
+    root = str(assets / "world" / "heldout" / "videos")
+    videos = load_eval_videos(adapter, root, 2, 4, 32, keep_frames=2)
+    with torch.no_grad():  # a training step's worth of change in the projector
+        for p in adapter.model.model.multi_modal_projector.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    again = reencode(adapter, videos)
+    for new, old in zip(again, videos):
+        assert torch.allclose(new.X, adapter.encode_video(old.frames)) and not torch.allclose(new.X, old.X)
+        assert new.qa == old.qa and new.id == old.id
+    with pytest.raises(ValueError, match="keep_frames"):
+        reencode(adapter, load_eval_videos(adapter, root, 1, 4, 32))

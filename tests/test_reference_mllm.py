@@ -127,3 +127,34 @@ def test_build_keeps_the_best_checkpoint_on_validation(tmp_path):
     assert spec_hash(r, w) != spec_hash(r.model_copy(update={"eval_every": 3}), w)
     plain = r.model_copy(update={"select_videos": 0})
     assert spec_hash(plain, w) == spec_hash(plain.model_copy(update={"eval_every": 3}), w) != spec_hash(r, w)
+
+
+@pytest.mark.unit
+def test_direction_loss_at_a_middle_layer():
+    """``direction_layer`` reads the dense direction loss after that many LM layers, through the
+    LM's own final norm and head: equal to the same loss on the LM's own ``output_hidden_states``."""
+    from pipeline.mllm.reference import Pretrainer, build_model, build_tokenizer
+
+    w = WorldConfig(size=32, grid=2, frames=4, motion=["linear"], object_size=0.375, jitter=0, max_objects=2)
+    r = ReferenceConfig(hidden=32, layers=2, heads=2, vision_hidden=16, steps=4, binding_steps=0, tokens_per_batch=256,
+                        direction_aux=1.0, direction_layer=1,
+                        type_weights={"direction": 5.0})
+    tok = build_tokenizer()
+    tr = Pretrainer(r, w, build_model(r, w, tok), tok)
+    tr.step_idx = 3  # 4-frame clips: objects move
+    torch.manual_seed(0)
+    pixels, keep, prompts, targets, labels = tr.batch()
+    from pipeline.mllm.llava_onevision import video_features
+
+    X = video_features(tr.model, pixels)[:, :-1].reshape(*pixels.shape[:2], -1, r.hidden)
+    batch = tr.adapter._masked_batch(X, keep, prompts, targets, side={"direction": labels["direction"] + 1})
+    out = tr.adapter.language_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids, output_hidden_states=True)
+    d = batch.side["direction"]
+    assert (d > 0).any()
+    own = torch.nn.functional.cross_entropy(tr.adapter.lm_head(tr.adapter.language_model.norm(out.hidden_states[1])[d > 0]),
+                                            tr.direction_words[d[d > 0] - 1])
+    last = torch.nn.functional.cross_entropy(tr.adapter.lm_head(out.last_hidden_state[d > 0]), tr.direction_words[d[d > 0] - 1])
+    assert torch.allclose(tr._direction_loss(out.last_hidden_state, batch), own) and not torch.allclose(own, last)
+    with pytest.raises(ValueError, match="direction_layer"):
+        ReferenceConfig(layers=2, direction_layer=3)

@@ -23,7 +23,9 @@ shards the held-out videos come from; optional multi-turn QA per video (``qa_per
 Motion direction (the change of an object's grid cell) gets its own levers: a vision-side head
 naming each token's cell (``position_aux``: the LM's 1-D RoPE carries no 2-D position), an
 LM-side dense loss where the LM's own head emits the direction word on a moving object's tokens
-(``direction_aux``), and a sampling weight per question type (``type_weights``).
+(``direction_aux``; read after ``direction_layer`` layers, so the direction exists where the
+answer position's later layers can still read it), and a sampling weight per question type
+(``type_weights``).
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def spec_hash(rcfg: ReferenceConfig, wcfg: WorldConfig) -> str:
     validation ones) reuses the same model."""
     # eval_every picks the candidate checkpoints only when the build selects one on validation
     ref = rcfg.model_dump(exclude={"eval_videos", "min_qa_accuracy"} | ({"eval_every"} if not rcfg.select_videos else set()))
-    for k, off in (("type_weights", {}), ("direction_aux", 0.0), ("position_aux", 0.0), ("select_videos", 0)):
+    for k, off in (("type_weights", {}), ("direction_aux", 0.0), ("position_aux", 0.0), ("direction_layer", 0),
+                   ("select_videos", 0)):
         if ref[k] == off:  # knobs added later hash only when set: existing builds stay cached
             del ref[k]
     blob = json.dumps({"reference": ref,
@@ -184,6 +187,9 @@ class Pretrainer:
         params += list(self.aux_bg.parameters()) if rcfg.aux_background else []
         self.opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=0.01)
         self.rng = np.random.default_rng([rcfg.seed, 7])
+        self._mid = None  # direction_layer: that layer's output, kept by a forward hook during training steps
+        if rcfg.direction_aux > 0 and rcfg.direction_layer:
+            self.adapter.language_model.layers[rcfg.direction_layer - 1].register_forward_hook(self._keep_mid)
         self.eos = tokenizer.eos_token
         self.step_idx = 0
         self.sample_idx = 0
@@ -315,6 +321,10 @@ class Pretrainer:
         sums = torch.zeros(ids.shape[0]).index_add(0, rows, nll * w)
         return sums / torch.zeros(ids.shape[0]).index_add(0, rows, w).clamp(min=1e-6)
 
+    def _keep_mid(self, module, args, out) -> None:
+        if module.training:
+            self._mid = out[0] if isinstance(out, tuple) else out
+
     def _direction_loss(self, hidden: torch.Tensor, batch) -> torch.Tensor:
         """LM-side dense direction loss: on a moving object's visual tokens (after it left its
         first cell) the LM's own head must emit the direction word. A token can compare its
@@ -324,6 +334,8 @@ class Pretrainer:
         on = d > 0
         if not bool(on.any()):
             return torch.zeros(())
+        if self.rcfg.direction_layer:
+            hidden = self.adapter.language_model.norm(self._mid)
         logits = self.adapter.lm_head(hidden[on]).float()
         return torch.nn.functional.cross_entropy(logits, self.direction_words[d[on] - 1])
 
@@ -370,9 +382,9 @@ def pretrain(rcfg: ReferenceConfig, wcfg: WorldConfig, out: str | Path,
     the summary. ``evaluate(adapter)`` (held-out) runs at the end, and every ``eval_every`` steps
     for the history when there is no ``select``. ``select(adapter)`` (validation videos, returns
     ``{"accuracy", ...}``) runs every ``eval_every`` steps and at the end: the saved model is the
-    best-scoring candidate (the later one on a tie), ``summary["selected_step"]`` says which. A
-    build's accuracy moves several points between neighbouring checkpoints, so the last one is a
-    draw; the choice never sees the held-out videos."""
+    best-scoring candidate (the later one on a tie), ``summary["selected_step"]`` says which; the
+    choice never sees the held-out videos. Both probes must encode their videos with the model as
+    it is at that step (the vision tower trains too)."""
     from tqdm import tqdm
 
     torch.manual_seed(rcfg.seed)
