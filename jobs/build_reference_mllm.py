@@ -87,16 +87,17 @@ def main(argv: list[str] | None = None) -> dict:
     if not cached:
         cache: dict = {}
 
-        # Decoded once; encoded at every probe by the vision tower as it is then (it trains too).
+        def probe_videos(adapter, root, limit):
+            """Decoded once; encoded at every probe by the vision tower as it is then (it trains too)."""
+            cache[root] = reencode(adapter, cache[root]) if root in cache else \
+                held_out(adapter, root, limit, keep_frames=limit)
+            return cache[root]
+
         def evaluate(adapter):
-            if "videos" not in cache:
-                cache["videos"] = held_out(adapter, keep_frames=rcfg.eval_videos)
-            return evaluate_qa(adapter, reencode(adapter, cache["videos"]))
+            return evaluate_qa(adapter, probe_videos(adapter, heldout_videos(args.world), rcfg.eval_videos))
 
         def select(adapter):
-            if "val" not in cache:
-                cache["val"] = held_out(adapter, Path(args.world) / VAL, rcfg.select_videos, keep_frames=rcfg.select_videos)
-            return evaluate_qa(adapter, reencode(adapter, cache["val"]))
+            return evaluate_qa(adapter, probe_videos(adapter, Path(args.world) / VAL, rcfg.select_videos))
 
         summary = pretrain(rcfg, wcfg, args.out, evaluate=evaluate, select=select if rcfg.select_videos else None)
     build_seconds = round(time.perf_counter() - t0, 1) if not cached else summary["train_seconds"]

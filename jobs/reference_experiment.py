@@ -92,10 +92,11 @@ def main() -> None:
         ema = m["loss"] if ema is None else 0.98 * ema + 0.02 * m["loss"]
         if (s + 1) % args.eval_every == 0 or s + 1 == rcfg.steps:
             model.eval()
-            if not shards and not args.no_shards:
-                shards = load_eval_videos(tr.adapter, str(Path(args.world) / "videos"), args.shard_videos, wcfg.frames, wcfg.size,
-                                          keep_frames=args.shard_videos)
-            full = evaluate_qa(tr.adapter, reencode(tr.adapter, shards)) if shards else {"accuracy": None, "option_accuracy": None, "per_type": {}}
+            if not args.no_shards:  # decoded once, encoded by the tower as it is now (it trains too)
+                shards = reencode(tr.adapter, shards) if shards else load_eval_videos(
+                    tr.adapter, str(Path(args.world) / "videos"), args.shard_videos, wcfg.frames, wcfg.size,
+                    keep_frames=args.shard_videos)
+            full = evaluate_qa(tr.adapter, shards) if shards else {"accuracy": None, "option_accuracy": None, "per_type": {}}
             res = {"step": s + 1, "train_s": round(t_train, 1), "loss": round(ema, 3), "aux": round(m["aux_loss"], 3), "dir": round(m.get("dir_loss", 0.0), 3),
                    "acc": full["accuracy"], "opt": full["option_accuracy"], "types": full["per_type"],
                    **eval_balanced(tr.adapter, items)}
