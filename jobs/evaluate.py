@@ -4,7 +4,7 @@
         --retention 0.05,0.1,0.25 --out runs/eval [--limit 200] [--methods score,uniform,fastv,...]
 
 For every method (``score`` [needs --compressor], random, uniform (temporal), uniform_spatial,
-fastv, visionzip, dycoke, fastvid, oracle) x retention, on the same frozen MLLM and the same
+fastv, visionzip, dycoke, fastvid, and two oracles: the question's objects, every object) x retention, on the same frozen MLLM and the same
 K = ceil(r * T*N): QA accuracy (greedy exact match) and its % of the full-token accuracy, LLM
 prefill time with K vs all tokens and the speedup, the analytic prefill FLOPs ratio, and each
 method's own selection cost (for SCORE: the policy forward, time and FLOPs as % of the full
@@ -29,12 +29,12 @@ import _bootstrap  # noqa: F401
 from pipeline.config import ConfigError, EvaluationConfig, MLLMConfig, WorldConfig
 from pipeline.data.video import FrameSampling
 from pipeline.data.world import heldout_videos
-from pipeline.evaluation import (BASELINE_ORDER, eval_summary, load_eval_videos, method_selectors, parse_retentions,
+from pipeline.evaluation import (BASELINE_ORDER, ORACLES, eval_summary, load_eval_videos, method_selectors, parse_retentions,
                                  results_markdown, run_evaluation)
 from pipeline.overlays import draw_overlays
 from pipeline.plots import plot_accuracy_vs_retention
 
-ALL_METHODS = ("score", *BASELINE_ORDER, "oracle")
+ALL_METHODS = ("score", *BASELINE_ORDER, *ORACLES)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,7 +10,9 @@ Worlds: ``in-distribution`` (``--world``'s ``heldout/videos``, the config's worl
 ``evaluation.shifts`` entry: the config's world with those settings over it, its held-out videos
 generated under ``<out>/worlds/<name>`` (reused when its ``world.json`` matches). Methods: ``score``
 (``--compressor``, question-agnostic), ``score_qa`` (``--compressor-qa``, question-aware), the
-baselines and the oracle, each at every retention on the same videos and the same K. Writes
+baselines and two oracles (``oracle``: the question's objects; ``oracle_objects``: every object,
+the reference for a question-agnostic selection), each at every retention on the same videos and
+the same K. Writes
 ``<out>/results.json`` (every world's full evaluation), ``<out>/results.md`` (one table: method x
 world x retention, accuracy and % of full; then each method's cost) and per-world plots; prints
 the table and, per world and retention, whether the better SCORE variant is ahead of every
@@ -28,7 +30,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 
 from pipeline.config import ConfigError, WorldConfig, add_config_args, load_config
-from pipeline.evaluation import BASELINE_ORDER, parse_retentions
+from pipeline.evaluation import BASELINE_ORDER, ORACLES, parse_retentions
 
 IN_DISTRIBUTION = "in-distribution"
 VARIANTS = ("score", "score_qa")
@@ -106,7 +108,7 @@ def verdicts(results: dict[str, dict], retentions: list[float]) -> dict[str, dic
         for r in retentions:
             rows = {x["method"]: x for x in res["rows"] if x["retention"] == r}
             ours = [m for m in VARIANTS if m in rows]
-            base = [m for m in rows if m not in (*VARIANTS, "oracle")]
+            base = [m for m in rows if m not in (*VARIANTS, *ORACLES)]
             if not ours or not base:
                 continue
             best = max(ours, key=lambda m: rows[m]["accuracy"])
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--videos", type=int, default=None, help="held-out videos per world (default: evaluation.videos)")
     ap.add_argument("--retention", default=None, help="comma-separated ratios (default: evaluation.retentions)")
-    ap.add_argument("--methods", default=None, help=f"baselines to run (default: all of {','.join(BASELINE_ORDER)},oracle)")
+    ap.add_argument("--methods", default=None, help=f"baselines to run (default: all of {','.join((*BASELINE_ORDER, *ORACLES))})")
     ap.add_argument("--fps", type=float, default=None, help="sample each video at this rate (videos of different lengths)")
     ap.add_argument("--options", action="store_true", help="also score option-likelihood accuracy (twice the time)")
     args = ap.parse_args(argv)
@@ -145,10 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
             raise ConfigError("evaluation.shifts is empty: name at least one shifted world in the config")
         if not (args.compressor or args.compressor_qa):
             raise ConfigError("give --compressor and/or --compressor-qa")
-        baselines = list(BASELINE_ORDER) + ["oracle"] if not args.methods else [m.strip() for m in args.methods.split(",") if m.strip()]
-        bad = [m for m in baselines if m not in (*BASELINE_ORDER, "oracle")]
+        baselines = [*BASELINE_ORDER, *ORACLES] if not args.methods else [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in baselines if m not in (*BASELINE_ORDER, *ORACLES)]
         if bad:
-            raise ConfigError(f"--methods: unknown {bad}; known: {[*BASELINE_ORDER, 'oracle']}")
+            raise ConfigError(f"--methods: unknown {bad}; known: {[*BASELINE_ORDER, *ORACLES]}")
         shifts = {name: shifted_world(base, s, videos) for name, s in E.shifts.items()}
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
             pol = ScorePolicy.from_pretrained(path, map_location=adapter.device, s3=cfg.data.s3).eval()
             if pol.embed_dim != adapter.hidden_size:
                 raise SystemExit(f"error: {path} reads {pol.embed_dim}-wide tokens, the MLLM's width is {adapter.hidden_size}")
-            selectors[name] = make_score_selector(pol)
+            selectors[name] = make_score_selector(pol, min_per_frame=pol.cfg.min_per_frame)
     selectors |= method_selectors(adapter, None, baselines, fastv_layer=E.fastv_layer)
 
     worlds = {IN_DISTRIBUTION: heldout_videos(world)}

@@ -37,11 +37,9 @@ def uniform_temporal(X: torch.Tensor, k: int, ctx: SelectionContext) -> torch.Te
     return _index(cand[pick])
 
 
-def oracle_select(X: torch.Tensor, k: int, ctx: SelectionContext) -> torch.Tensor:
-    """Oracle (upper reference, uses annotations): the tokens covering the question's objects,
-    spread evenly over their visible frames when they exceed K, filled up to K at random."""
-    if ctx.objects is None or ctx.question_objects is None:
-        raise ValueError("oracle selection needs object annotations and the question's object ids")
+def _objects_select(k: int, ctx: SelectionContext, ids: set[int]) -> torch.Tensor:
+    """The tokens covering the objects ``ids``, spread evenly over their visible frames when they
+    exceed K, filled up to K at random."""
     t, gh, gw = ctx.grid
     h, w = ctx.frame_hw
     if len(ctx.objects) and t != len(ctx.objects[0]["boxes"]):
@@ -49,7 +47,7 @@ def oracle_select(X: torch.Tensor, k: int, ctx: SelectionContext) -> torch.Tenso
     cover = np.zeros((t, gh, gw))
     ch, cw = h / gh, w / gw
     for o in ctx.objects:
-        if o["id"] not in ctx.question_objects:
+        if o["id"] not in ids:
             continue
         for f, box in enumerate(o["boxes"]):
             if box is None:
@@ -78,6 +76,21 @@ def oracle_select(X: torch.Tensor, k: int, ctx: SelectionContext) -> torch.Tenso
     return _index(np.concatenate([obj, rng.choice(rest, size=k - len(obj), replace=False)]))
 
 
+def oracle_select(X: torch.Tensor, k: int, ctx: SelectionContext) -> torch.Tensor:
+    """Oracle (upper reference, uses annotations): the tokens covering the question's objects,
+    spread evenly over their visible frames when they exceed K, filled up to K at random."""
+    if ctx.objects is None or ctx.question_objects is None:
+        raise ValueError("oracle selection needs object annotations and the question's object ids")
+    return _objects_select(k, ctx, set(ctx.question_objects))
+
+
+def objects_oracle_select(X: torch.Tensor, k: int, ctx: SelectionContext) -> torch.Tensor:
+    """Question-agnostic oracle (uses annotations, not the question): the tokens covering every
+    object, spread the same way. What a selection that finds every object but cannot know which
+    one the question is about keeps: the reference for a question-agnostic compressor."""
+    if ctx.objects is None:
+        raise ValueError("oracle_objects selection needs object annotations")
+    return _objects_select(k, ctx, {o["id"] for o in ctx.objects})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,8 +398,9 @@ SELECTORS = {
     "dycoke": dycoke_select,
     "fastvid": fastvid_select,
     "oracle": oracle_select,
+    "oracle_objects": objects_oracle_select,
 }
-"""Selectors that need only X and the grid (the oracle also needs annotations). FastV needs the
+"""Selectors that need only X and the grid (the oracles also need annotations). FastV needs the
 MLLM: :func:`make_fastv` / :data:`ADAPTER_SELECTORS`."""
 
 ADAPTER_SELECTORS = {"fastv": make_fastv}

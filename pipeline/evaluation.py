@@ -215,17 +215,18 @@ def time_deployed(adapter: MLLMAdapter, videos: list[EvalVideo], selector: Calla
 # Multi-method runner
 
 BASELINE_ORDER = ("random", "uniform", "uniform_spatial", "fastv", "visionzip", "dycoke", "fastvid")
+ORACLES = ("oracle", "oracle_objects")  # annotation-based references (the question's objects; every object), never rivals
 
 
 def method_selectors(adapter: MLLMAdapter, policy: torch.nn.Module | None = None, names: Iterable[str] | None = None,
                      fastv_layer: int = 2, min_per_frame: int = 0, compile_policy: bool = False) -> dict[str, Callable]:
     """Ordered ``{name: selector}``: ``score`` (needs ``policy``; ``compile_policy``: through
-    ``torch.compile``), the baselines, ``oracle``. ``names=None``: every available method
+    ``torch.compile``), the baselines, the :data:`ORACLES`. ``names=None``: every available method
     (``score`` only with a policy)."""
     from pipeline.baselines import SELECTORS, make_fastv
     from pipeline.select import make_score_selector
 
-    available = (["score"] if policy is not None else []) + list(BASELINE_ORDER) + ["oracle"]
+    available = (["score"] if policy is not None else []) + list(BASELINE_ORDER) + list(ORACLES)
     want = list(available) if names is None else list(names)
     out: dict[str, Callable] = {}
     for name in want:
@@ -238,7 +239,7 @@ def method_selectors(adapter: MLLMAdapter, policy: torch.nn.Module | None = None
         elif name in SELECTORS:
             out[name] = SELECTORS[name]
         else:
-            raise ValueError(f"unknown method {name!r}; known: {['score', *BASELINE_ORDER, 'oracle']}")
+            raise ValueError(f"unknown method {name!r}; known: {['score', *BASELINE_ORDER, *ORACLES]}")
     return out
 
 
@@ -396,7 +397,7 @@ def eval_summary(res: dict[str, Any], methods: list[str], retentions: list[float
         srows = [row for row in res["rows"] if row["method"] == "score"]
         summary["policy_overhead"] = {"time_pct": max(row["select_pct_of_full_prefill_time"] for row in srows),
                                       "flops_pct": srows[0]["select_flops_pct"]}
-        base = [m for m in methods if m not in ("score", "oracle")]
+        base = [m for m in methods if m != "score" and m not in ORACLES]
         summary["score_ahead_of_baselines"] = {
             str(r): all(acc["score"][str(r)] > acc[m][str(r)] for m in base) for r in retentions}
     return summary

@@ -14,6 +14,7 @@ import torch
 from pipeline.data import readers
 from pipeline.data.prompts import CAPTION_PROMPT, qa_prompt
 from pipeline.data.world import heldout_videos
+from pipeline.evaluation import ORACLES
 from pipeline.plots import mask_overlay
 from pipeline.select import SelectionContext, budget
 
@@ -43,7 +44,7 @@ def overlay(adapter, frames: np.ndarray, selectors: dict, retention: float, path
     k = budget(retention, X.shape[0] * X.shape[1])
     keeps = {}
     for name, sel in selectors.items():
-        if name == "oracle" and ann is None:
+        if name in ORACLES and ann is None:
             continue  # needs object annotations
         ctx = SelectionContext(grid=grid, prompt=prompt, adapter=adapter, **(ann or {}))
         keeps[name] = sel(X, k, ctx)

@@ -27,8 +27,8 @@ def plot_accuracy_vs_retention(results: dict, path: str | Path, title: str | Non
     for name, pts in by_method.items():
         pts.sort()
         style = dict(lw=2.4, marker="o", zorder=3) if name == "score" else dict(lw=1.3, marker=".")
-        if name == "oracle":
-            style.update(ls=":", color="grey")
+        if name.startswith("oracle"):
+            style.update(ls=":", color="grey" if name == "oracle" else "silver")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
     full = results["full"]["accuracy"]
     ax.axhline(full, ls="--", color="black", lw=1, label=f"all tokens ({full:.3f})")

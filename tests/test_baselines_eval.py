@@ -161,10 +161,10 @@ def test_fastv_picks_the_tokens_the_attention_favours(tiny_mllm, kind):
 
 @pytest.mark.unit
 def test_selectors_registry_contract():
-    assert {"random", "uniform", "uniform_spatial", "visionzip", "dycoke", "fastvid", "oracle"} <= set(SELECTORS)
+    assert {"random", "uniform", "uniform_spatial", "visionzip", "dycoke", "fastvid", "oracle", "oracle_objects"} <= set(SELECTORS)
     X = _rand_x(7)
     for name, fn in SELECTORS.items():
-        if name != "oracle":
+        if not name.startswith("oracle"):
             assert fn(X, 7, SelectionContext(grid=(T, GH, GW))).shape == (7,)
 
 
@@ -200,7 +200,8 @@ def test_evaluate_job_end_to_end(assets, tmp_path, capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(summary))
     res = json.loads((out / "results.json").read_text())
-    methods = ["score", "random", "uniform", "uniform_spatial", "fastv", "visionzip", "dycoke", "fastvid", "oracle"]
+    methods = ["score", "random", "uniform", "uniform_spatial", "fastv", "visionzip", "dycoke", "fastvid", "oracle",
+               "oracle_objects"]
     assert res["setup"]["methods"] == methods
     got = {(r["method"], r["retention"]) for r in res["rows"]}
     assert got == {(m, r) for m in methods for r in (0.25, 0.5)}
@@ -297,7 +298,7 @@ def test_generalization_job_one_table_over_worlds(assets, tmp_path, capsys):
     out = tmp_path / "gen"
     args = ["--config", str(cfg), "--mllm", str(assets / "mllm"), "--world", str(assets / "world"),
             "--compressor", str(assets / "policy"), "--compressor-qa", str(tmp_path / "qa"), "--out", str(out),
-            "--videos", "3", "--retention", "0.25,0.5", "--methods", "uniform,fastv,oracle",
+            "--videos", "3", "--retention", "0.25,0.5", "--methods", "uniform,fastv,oracle,oracle_objects",
             "--set", "evaluation.timing_videos=1", "--set", "evaluation.timing_repeats=1"]
     summary = _job("generalization").main(args)
     text = capsys.readouterr().out
@@ -307,7 +308,7 @@ def test_generalization_job_one_table_over_worlds(assets, tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     for world in ("in-distribution", "noisy"):
         got = {(r["method"], r["retention"]) for r in res["worlds"][world]["rows"]}
-        assert got == {(m, r) for m in ("score", "score_qa", "uniform", "fastv", "oracle") for r in (0.25, 0.5)}
+        assert got == {(m, r) for m in ("score", "score_qa", "uniform", "fastv", "oracle", "oracle_objects") for r in (0.25, 0.5)}
         for r in ("0.25", "0.5"):
             v = summary["verdicts"][world][r]
             assert v["score"] in ("score", "score_qa") and v["best_baseline"] in ("uniform", "fastv")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.baselines import SELECTORS, oracle_select, uniform_temporal
+from pipeline.baselines import SELECTORS, objects_oracle_select, oracle_select, uniform_temporal
 from pipeline.select import SelectionContext, budget
 from pipeline.config import WorldConfig
 from pipeline.data.world import make_video, sample_rng
@@ -63,6 +63,39 @@ def test_oracle_covers_the_question_objects():
             assert max(kept_frames) - min(kept_frames) >= min(len(visible) - 1, 4) or len(kept_frames) == len(visible)
     with pytest.raises(ValueError, match="annotations"):
         oracle_select(torch.zeros(T, N, 1), 4, SelectionContext(grid=(T, GH, GW)))
+
+
+def _object_tokens(o) -> set[int]:
+    """Flat indices of the (T, GH, GW) tokens a box overlaps (frames 64 x 64)."""
+    out, ch, cw = set(), 64 / GH, 64 / GW
+    for t, b in enumerate(o["boxes"]):
+        if b:
+            out |= {t * N + gy * GW + gx for gy in range(GH) for gx in range(GW)
+                    if min(b[3], (gy + 1) * ch) > max(b[1], gy * ch) and min(b[2], (gx + 1) * cw) > max(b[0], gx * cw)}
+    return out
+
+
+@pytest.mark.unit
+def test_objects_oracle_keeps_every_object_and_the_question_oracle_only_the_asked_ones():
+    cfg = WorldConfig(frames=T, min_objects=2, max_objects=3)
+    checked = 0
+    for i in range(20):
+        v = make_video(cfg, sample_rng(0, "eval", "video", i))
+        if not v["qa"] or len(v["qa"][0]["objects"]) == len(v["objects"]):
+            continue
+        toks = {o["id"]: _object_tokens(o) for o in v["objects"]}
+        every = set().union(*toks.values())
+        asked = set().union(*(toks[j] for j in v["qa"][0]["objects"]))
+        k = len(asked)  # exactly the asked objects' tokens: the question oracle keeps those and nothing else
+        assert set(oracle_select(torch.zeros(T, N, 1), k, _ctx(v)).tolist()) == asked
+        every_keep = set(objects_oracle_select(torch.zeros(T, N, 1), len(every), _ctx(v)).tolist())
+        assert every_keep == every and every_keep != asked  # whatever the question, every object
+        small = set(objects_oracle_select(torch.zeros(T, N, 1), budget(0.1, T * N), _ctx(v)).tolist())
+        assert len(every) < budget(0.1, T * N) or small <= every, i  # at 10%: object tokens only, when they fill K
+        checked += 1
+    assert checked >= 5
+    with pytest.raises(ValueError, match="annotations"):
+        objects_oracle_select(torch.zeros(T, N, 1), 4, SelectionContext(grid=(T, GH, GW)))
 
 
 @pytest.mark.slow
