@@ -4,8 +4,8 @@
         --retention 0.05,0.1,0.25 --out runs/eval [--limit 200] [--methods score,uniform,fastv,...]
 
 For every method (``score`` [needs --compressor], random, uniform (temporal), uniform_spatial,
-fastv, visionzip, dycoke, fastvid, and two oracles: the question's objects, every object) x retention, on the same frozen MLLM and the same
-K = ceil(r * T*N): QA accuracy (greedy exact match) and its % of the full-token accuracy, LLM
+fastv, visionzip, dycoke, fastvid, and two oracles: the question's objects, every object) x
+retention, on the same frozen MLLM and the same K = ceil(r * T*N): QA accuracy (greedy exact match) and its % of the full-token accuracy, LLM
 prefill time with K vs all tokens and the speedup, the analytic prefill FLOPs ratio, and each
 method's own selection cost (for SCORE: the policy forward, time and FLOPs as % of the full
 prefill). Writes ``results.json``, ``results.md``, ``accuracy_vs_retention.png`` and mask-overlay

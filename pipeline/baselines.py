@@ -403,5 +403,8 @@ SELECTORS = {
 """Selectors that need only X and the grid (the oracles also need annotations). FastV needs the
 MLLM: :func:`make_fastv` / :data:`ADAPTER_SELECTORS`."""
 
+ORACLES = ("oracle", "oracle_objects")
+"""The annotation-based references (the question's objects; every object): never rivals of a method."""
+
 ADAPTER_SELECTORS = {"fastv": make_fastv}
 """Factories ``(adapter, **kw) -> selector`` for methods that run the frozen MLLM."""

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from pipeline.baselines import ORACLES
 from pipeline.select import SelectionContext, budget
 from pipeline.data import readers
 from pipeline.config import ConfigError
@@ -215,7 +216,6 @@ def time_deployed(adapter: MLLMAdapter, videos: list[EvalVideo], selector: Calla
 # Multi-method runner
 
 BASELINE_ORDER = ("random", "uniform", "uniform_spatial", "fastv", "visionzip", "dycoke", "fastvid")
-ORACLES = ("oracle", "oracle_objects")  # annotation-based references (the question's objects; every object), never rivals
 
 
 def method_selectors(adapter: MLLMAdapter, policy: torch.nn.Module | None = None, names: Iterable[str] | None = None,

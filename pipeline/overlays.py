@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.baselines import ORACLES
 from pipeline.data import readers
 from pipeline.data.prompts import CAPTION_PROMPT, qa_prompt
 from pipeline.data.world import heldout_videos
-from pipeline.evaluation import ORACLES
 from pipeline.plots import mask_overlay
 from pipeline.select import SelectionContext, budget
 

@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.baselines import ORACLES  # noqa: E402
+
 
 def plot_accuracy_vs_retention(results: dict, path: str | Path, title: str | None = None) -> Path:
     """One line per method (accuracy vs retention, log x), the full-token accuracy dashed."""
@@ -27,7 +29,7 @@ def plot_accuracy_vs_retention(results: dict, path: str | Path, title: str | Non
     for name, pts in by_method.items():
         pts.sort()
         style = dict(lw=2.4, marker="o", zorder=3) if name == "score" else dict(lw=1.3, marker=".")
-        if name.startswith("oracle"):
+        if name in ORACLES:
             style.update(ls=":", color="grey" if name == "oracle" else "silver")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
     full = results["full"]["accuracy"]
