@@ -14,7 +14,8 @@ baselines and two oracles (``oracle``: the question's objects; ``oracle_objects`
 the reference for a question-agnostic selection), each at every retention on the same videos and
 the same K. Writes
 ``<out>/results.json`` (every world's full evaluation), ``<out>/results.md`` (one table: method x
-world x retention, accuracy and % of full; then each method's cost) and per-world plots; prints
+world x retention, accuracy and % of full; then the share of each method's kept tokens on the
+question's objects, and each method's cost) and per-world plots; prints
 the table and, per world and retention, whether the better SCORE variant is ahead of every
 baseline. The last stdout line is a JSON summary.
 """
@@ -82,6 +83,24 @@ def protocol_table(results: dict[str, dict], retentions: list[float]) -> str:
                 row = next((x for x in results[w]["rows"] if x["method"] == m and x["retention"] == r), None)
                 pct = "" if row is None or row["pct_of_full"] is None else f" ({row['pct_of_full']:.1f}%)"
                 cells.append("-" if row is None else f"{row['accuracy']:.3f}{pct}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def asked_table(results: dict[str, dict], retentions: list[float]) -> str:
+    """Per method, world and retention: the share of the kept tokens on the question's objects
+    (videos where the question leaves some object out). Whether a selection reads the question:
+    a question-agnostic one can only find the objects, the question oracle keeps the asked ones."""
+    worlds = list(results)
+    lines = ["| method | " + " | ".join(f"{w} {r:.0%}" for w in worlds for r in retentions) + " |",
+             "|---|" + "---|" * (len(worlds) * len(retentions))]
+    for m in dict.fromkeys(row["method"] for w in worlds for row in results[w]["rows"]):
+        cells = []
+        for w in worlds:
+            for r in retentions:
+                row = next((x for x in results[w]["rows"] if x["method"] == m and x["retention"] == r), None)
+                share = None if row is None else row.get("asked_share")
+                cells.append("-" if share is None else f"{share:.3f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -201,14 +220,17 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = res
         plot_accuracy_vs_retention(res, out / f"accuracy_{name}.png", title=f"{name} ({len(vids)} videos)")
 
-    table, costs = protocol_table(results, retentions), cost_table(results)
+    table, costs, asked = protocol_table(results, retentions), cost_table(results), asked_table(results, retentions)
     verdict = verdicts(results, retentions)
     command = " ".join(["python", "jobs/generalization.py", *(argv if argv is not None else sys.argv[1:])])
     (out / "results.json").write_text(json.dumps({"command": command, "worlds": results, "verdicts": verdict,
                                                   "shifts": {n: {"settings": E.shifts[n], "outside": outside_ranges(base, w)}
                                                              for n, w in shifts.items()}}, indent=2) + "\n")
-    (out / "results.md").write_text(f"# Generalization\n\n`{command}`\n\n{table}\n\nCost (in-distribution):\n\n{costs}\n")
+    (out / "results.md").write_text(f"# Generalization\n\n`{command}`\n\n{table}\n\n"
+                                    f"Share of the kept tokens on the question's objects (videos where the question "
+                                    f"leaves some object out):\n\n{asked}\n\nCost (in-distribution):\n\n{costs}\n")
     print(table, flush=True)
+    print(asked, flush=True)
     print(costs, flush=True)
     for w, per in verdict.items():
         for r, v in per.items():

@@ -37,16 +37,17 @@ def uniform_temporal(X: torch.Tensor, k: int, ctx: SelectionContext) -> torch.Te
     return _index(cand[pick])
 
 
-def _objects_select(k: int, ctx: SelectionContext, ids: set[int]) -> torch.Tensor:
-    """The tokens covering the objects ``ids``, spread evenly over their visible frames when they
-    exceed K, filled up to K at random."""
+def object_cover(ctx: SelectionContext, ids: set[int]) -> np.ndarray:
+    """``[T * gh * gw]`` float: the area (source pixels) of each token's cell that the objects
+    ``ids`` cover in its frame, the largest over those objects; 0 off them."""
     t, gh, gw = ctx.grid
     h, w = ctx.frame_hw
-    if len(ctx.objects) and t != len(ctx.objects[0]["boxes"]):
-        raise ValueError(f"oracle: {t} frames in X but {len(ctx.objects[0]['boxes'])} annotated frames")
+    objects = ctx.objects or []
+    if len(objects) and t != len(objects[0]["boxes"]):
+        raise ValueError(f"annotations: {t} frames in X but {len(objects[0]['boxes'])} annotated frames")
     cover = np.zeros((t, gh, gw))
     ch, cw = h / gh, w / gw
-    for o in ctx.objects:
+    for o in objects:
         if o["id"] not in ids:
             continue
         for f, box in enumerate(o["boxes"]):
@@ -61,7 +62,28 @@ def _objects_select(k: int, ctx: SelectionContext, ids: set[int]) -> torch.Tenso
                     ix = min(x1, (gx + 1) * cw) - max(x0, gx * cw)
                     if ix > 0:
                         cover[f, gy, gx] = max(cover[f, gy, gx], ix * iy)
-    cover = cover.reshape(-1)
+    return cover.reshape(-1)
+
+
+def asked_share(keep: torch.Tensor, ctx: SelectionContext) -> float | None:
+    """The share of the kept tokens that lie on the question's objects: whether a selection keeps
+    what the question is about. None where it cannot tell (no annotations, boxes for another
+    frame count than X's, a question about no object, or a video whose every object is asked
+    about)."""
+    if not ctx.objects or not ctx.question_objects or len(ctx.objects[0]["boxes"]) != ctx.grid[0]:
+        return None
+    asked = set(ctx.question_objects)
+    if {o["id"] for o in ctx.objects} <= asked:
+        return None
+    on = object_cover(ctx, asked) > 0
+    return float(on[keep.cpu().numpy()].mean()) if keep.numel() else None
+
+
+def _objects_select(k: int, ctx: SelectionContext, ids: set[int]) -> torch.Tensor:
+    """The tokens covering the objects ``ids``, spread evenly over their visible frames when they
+    exceed K, filled up to K at random."""
+    gh, gw = ctx.grid[1:]
+    cover = object_cover(ctx, ids)
     obj = np.nonzero(cover > 0)[0]
     rng = np.random.default_rng(ctx.seed)
     if len(obj) >= k:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from pipeline.baselines import ORACLES
+from pipeline.baselines import ORACLES, asked_share
 from pipeline.select import SelectionContext, budget
 from pipeline.data import readers
 from pipeline.config import ConfigError
@@ -97,10 +97,13 @@ def answer_word(text: str) -> str:
 def evaluate_qa(adapter: MLLMAdapter, videos: Iterable[EvalVideo],
                 selector: Callable | None = None, retention: float = 1.0, seed: int = 0,
                 options: bool = True) -> dict:
-    """``{accuracy, option_accuracy, per_type: {type: accuracy}, n}`` with ``selector`` keeping
-    ``ceil(retention * T'*N)`` tokens per video (``selector=None``: all tokens).
+    """``{accuracy, option_accuracy, per_type: {type: accuracy}, n, asked_share, asked_n}`` with
+    ``selector`` keeping ``ceil(retention * T'*N)`` tokens per video (``selector=None``: all tokens).
+    ``asked_share``: the mean share of the kept tokens on the question's objects over the
+    ``asked_n`` annotated videos where the question leaves some object out
+    (:func:`pipeline.baselines.asked_share`; None without such videos or a selector).
     ``options=False`` skips the option scoring (``option_accuracy`` is then None)."""
-    hits, opt_hits, per_type = [], [], {}
+    hits, opt_hits, per_type, shares = [], [], {}, []
     for i, v in enumerate(videos):
         t, n = v.X.shape[:2]
         if selector is None:
@@ -108,6 +111,9 @@ def evaluate_qa(adapter: MLLMAdapter, videos: Iterable[EvalVideo],
         else:
             ctx = video_context(adapter, v, seed * 100_003 + i)
             keep = selector(v.X, budget(retention, t * n), ctx)
+            share = asked_share(keep, ctx)
+            if share is not None:
+                shares.append(share)
         prompt = qa_prompt(v.qa["question"])
         ok = answer_word(adapter.generate(v.X, keep, prompt, max_new_tokens=2, side=v.side)) == v.qa["answer"]
         if options:
@@ -121,6 +127,8 @@ def evaluate_qa(adapter: MLLMAdapter, videos: Iterable[EvalVideo],
         "option_accuracy": (float(np.mean(opt_hits)) if opt_hits else 0.0) if options else None,
         "per_type": {k: round(float(np.mean(x)), 4) for k, x in sorted(per_type.items())},
         "n": len(hits),
+        "asked_share": round(float(np.mean(shares)), 4) if shares else None,
+        "asked_n": len(shares),
     }
 
 
@@ -327,7 +335,7 @@ def run_evaluation(adapter: MLLMAdapter, videos: list[EvalVideo], selectors: dic
                 "method": name, "retention": r, "k": k, "tokens": M,
                 "accuracy": acc["accuracy"], "option_accuracy": acc["option_accuracy"],
                 "pct_of_full": round(100.0 * acc["accuracy"] / full["accuracy"], 2) if full["accuracy"] > 0 else None,
-                "per_type": acc["per_type"], "n": acc["n"],
+                "per_type": acc["per_type"], "n": acc["n"], "asked_share": acc["asked_share"],
                 "prefill_ms": round(1e3 * pre, 4), "full_prefill_ms": round(1e3 * full_s, 4),
                 "speedup": round(full_s / pre, 3) if pre > 0 else None,
                 "flops_ratio": round(flops_ratio, 5),

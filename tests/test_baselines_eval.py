@@ -316,6 +316,10 @@ def test_generalization_job_one_table_over_worlds(assets, tmp_path, capsys):
     assert rows["score_qa"]["select_flops_pct"] > rows["score"]["select_flops_pct"] > 0  # the words cost something
     md = (out / "results.md").read_text()
     assert "| score_qa |" in md and "noisy 25%" in md and "select FLOPs % of full prefill" in md
+    assert "Share of the kept tokens on the question's objects" in md
+    for world in ("in-distribution", "noisy"):
+        for r in res["worlds"][world]["rows"]:
+            assert r["asked_share"] is None or 0.0 <= r["asked_share"] <= 1.0
     assert (out / "accuracy_noisy.png").is_file() and (out / "worlds" / "noisy" / "world.json").is_file()
     # a second run reuses the generated shifted world
     _job("generalization").main(args)

@@ -147,9 +147,11 @@ def test_options_off_and_no_videos():
     videos = [_video(0, "q", "red", ["red", "blue"])]
     ad = ScriptedAdapter({qa_prompt("q"): "red"})
     res = evaluate_qa(ad, videos, options=False)
-    assert res == {"accuracy": 1.0, "option_accuracy": None, "per_type": {"qa": 1.0}, "n": 1}
+    assert res == {"accuracy": 1.0, "option_accuracy": None, "per_type": {"qa": 1.0}, "n": 1, "asked_share": None,
+                   "asked_n": 0}
     assert ad.option_calls == []  # no option scoring at all
-    assert evaluate_qa(ad, []) == {"accuracy": 0.0, "option_accuracy": 0.0, "per_type": {}, "n": 0}
+    assert evaluate_qa(ad, []) == {"accuracy": 0.0, "option_accuracy": 0.0, "per_type": {}, "n": 0, "asked_share": None,
+                                   "asked_n": 0}
 
 
 def test_selector_gets_the_budget_and_its_tokens_are_the_ones_scored():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.baselines import SELECTORS, objects_oracle_select, oracle_select, uniform_temporal
+from pipeline.baselines import SELECTORS, asked_share, objects_oracle_select, oracle_select, uniform_temporal
 from pipeline.select import SelectionContext, budget
 from pipeline.config import WorldConfig
 from pipeline.data.world import make_video, sample_rng
@@ -96,6 +96,34 @@ def test_objects_oracle_keeps_every_object_and_the_question_oracle_only_the_aske
     assert checked >= 5
     with pytest.raises(ValueError, match="annotations"):
         objects_oracle_select(torch.zeros(T, N, 1), 4, SelectionContext(grid=(T, GH, GW)))
+
+
+@pytest.mark.unit
+def test_asked_share_counts_the_kept_tokens_on_the_question_objects():
+    cfg = WorldConfig(frames=T, min_objects=2, max_objects=3)
+    checked = 0
+    for i in range(20):
+        v = make_video(cfg, sample_rng(0, "eval", "video", i))
+        if not v["qa"] or len(v["qa"][0]["objects"]) == len(v["objects"]):
+            continue
+        toks = {o["id"]: _object_tokens(o) for o in v["objects"]}
+        asked = set().union(*(toks[j] for j in v["qa"][0]["objects"]))
+        every = set().union(*toks.values())
+        off = sorted(set(range(T * N)) - every)[:5]
+        ctx = _ctx(v)
+        assert asked_share(torch.tensor(sorted(asked)), ctx) == 1.0
+        assert asked_share(torch.tensor(off), ctx) == 0.0
+        assert asked_share(torch.tensor(sorted(every)), ctx) == pytest.approx(len(asked) / len(every))
+        half = sorted(asked)[:2] + off[:2]
+        assert asked_share(torch.tensor(half), ctx) == 0.5
+        checked += 1
+    assert checked >= 5
+    v = make_video(WorldConfig(frames=T, min_objects=1, max_objects=1), sample_rng(0, "eval", "video", 0))
+    keep = torch.arange(4)
+    assert asked_share(keep, _ctx(v)) is None  # every object is asked about: nothing to tell apart
+    assert asked_share(keep, SelectionContext(grid=(T, GH, GW))) is None  # no annotations
+    assert asked_share(keep, SelectionContext(grid=(T // 2, GH, GW), frame_hw=(64, 64), objects=v["objects"],
+                                              question_objects=[v["objects"][0]["id"]])) is None  # other frame count
 
 
 @pytest.mark.slow
