@@ -12,7 +12,9 @@
    stage's log is streamed (polling ``get_job_logs``) whole to ``<run>/logs/<stage>.log`` and, its
    own lines only (progress, summary: :func:`actors.logs.for_console`), to the caller's log; the
    stage must end SUCCEEDED within ``run.job_timeout_s``. Stage 2 starts from stage 1's final policy
-   (``--init-policy <storage>/<run>/pseudo_video/policy``).
+   (``--init-policy <storage>/<run>/pseudo_video/policy``), or, with ``grounding.epochs``, from its
+   grounding warm start: ``jobs/ground_policy.py`` (``{run}-grounding``) writes
+   ``<storage>/<run>/grounding/policy`` between the stages (pipeline/grounding.py).
 3. With ``validation.video_shards`` set, submits ``jobs/select_policy.py`` (``{run}-select``), which
    scores the last stage's kept checkpoints on the validation videos and names the best (with
    ``validation.average_last``: writes and scores the weight average of the last ones).
@@ -341,6 +343,8 @@ def run_curriculum(cfg: Config, cfg_path: str | None, overrides: list[str], clie
                 log(f"  | {summary_line(summary)}")
         stages[stage] = summary
         init_policy = summary.get("policy") or storage.join(run_dir, stage, "policy")
+        if stage == STAGES[0] and cfg.grounding.epochs:
+            init_policy = run_grounding_job(cfg, cfg_path, overrides, client, run_dir, init_policy, env, log, logs_dir)
     selection = (run_selection_job(cfg, cfg_path, overrides, client, root, env, log, logs_dir)
                  if cfg.validation.video_shards else None)
     final = storage.join(run_dir, "final", "policy")
@@ -391,6 +395,31 @@ def run_selection_job(cfg: Config, cfg_path: str | None, overrides: list[str], c
     entry = stage_entrypoint(cfg_path, overrides, stage, cfg.run.name, root, script="select_policy.py")
     sid, logs = run_once(client, f"{cfg.run.name}-select", entry, env, cfg, log, "select", logs_dir)
     return _last_json(logs) | {"job": sid}
+
+
+def run_grounding_job(cfg: Config, cfg_path: str | None, overrides: list[str], client: Any, run_dir: str,
+                      init_policy: str, env: dict[str, str], log: Callable[[str], Any] = print,
+                      logs_dir: Path | None = None) -> str:
+    """``jobs/ground_policy.py`` (the grounding warm start, pipeline/grounding.py) on stage 1's
+    policy as a Ray job (``<run>-grounding``); returns the warm-started policy stage 2 starts
+    from, ``<run dir>/grounding/policy``. A re-run with that policy in storage reuses it."""
+    from pipeline import storage
+
+    out = storage.join(run_dir, "grounding", "policy")
+    try:
+        storage.read_bytes(storage.join(out, "config.json"), cfg.data.s3)
+        log(f"[curriculum] grounding: warm-started policy in {out}, skipping")
+        return out
+    except Exception:  # noqa: BLE001  (not there yet)
+        pass
+    parts = [sys.executable, str(ROOT / "jobs" / "ground_policy.py"), "--init-policy", init_policy, "--out", out]
+    if cfg_path:
+        parts += ["--config", cfg_path]
+    for o in overrides:
+        parts += ["--set", o]
+    run_once(client, f"{cfg.run.name}-grounding", " ".join(shlex.quote(x) for x in parts), env, cfg, log,
+             "grounding", logs_dir)
+    return out
 
 
 def eval_world(cfg: Config) -> Path | None:

@@ -301,6 +301,17 @@ class StageConfig(_Strict):
         return self
 
 
+class GroundingConfig(_Strict):
+    """The grounding warm start of a question-aware policy (pipeline/grounding.py): between the
+    stages, a supervised pass over the stage-2 videos' object annotations teaches it which tokens
+    each question is about; off (0 epochs) by default."""
+
+    epochs: int = Field(0, ge=0, description="passes over the (video, question) pairs; 0: no warm start")
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1, description="pairs per optimizer step")
+    videos: int = Field(0, ge=0, description="read at most this many stage-2 videos (0: all)")
+
+
 class StagesConfig(_Strict):
     pseudo_video: StageConfig = StageConfig()
     real_video: StageConfig = StageConfig(lr=1e-4)
@@ -417,6 +428,7 @@ class Config(_Strict):
     mllm: MLLMConfig = MLLMConfig()
     reference: ReferenceConfig = ReferenceConfig()
     policy: PolicyConfig = PolicyConfig()
+    grounding: GroundingConfig = GroundingConfig()
     stage: StagesConfig = StagesConfig()
     rollout: RolloutConfig = RolloutConfig()
     learner: LearnerConfig = LearnerConfig()
@@ -426,6 +438,9 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _sections_agree(self) -> "Config":
+        if self.grounding.epochs and not self.policy.question_aware:
+            raise ValueError("grounding.epochs: the grounding warm start teaches a question-aware policy; "
+                             "set policy.question_aware: true or grounding.epochs: 0")
         # every batch the learner prefetches is rolled out that many versions before it is used:
         # a tighter bound would drop every rollout as stale, and the stage would learn nothing
         if self.rollout.max_staleness < self.learner.prefetch_batches:

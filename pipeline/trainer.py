@@ -938,7 +938,9 @@ def train_curriculum_local(
     """Both stages in this process. Layout under ``out_dir``: ``<stage>/policy/`` (each stage's final
     policy, ``save_pretrained``), ``final/policy/``, ``tensorboard/<stage>/``, ``summary.json``.
     Stage 2 starts from stage 1's saved policy (reloaded with ``from_pretrained``, as a separate
-    stage job would) with a fresh optimizer. Returns the summary (also written as JSON)."""
+    stage job would) with a fresh optimizer; with ``grounding.epochs`` from the grounding warm
+    start of that policy (:mod:`pipeline.grounding`, saved in ``grounding/policy/``). Returns the
+    summary (also written as JSON)."""
     out = Path(out_dir)
     seed = int(cfg.run.seed)
     policy = init_policy(adapter.hidden_size, cfg.policy, seed).to(adapter.device)
@@ -963,6 +965,13 @@ def train_curriculum_local(
         s.update(init_from=init_from, policy=str(path), quarantined=dict(q))
         stages[stage] = s
         init_from = str(path)
+        if stage == "pseudo_video" and cfg.grounding.epochs:  # the warm start of a question-aware policy
+            from pipeline.grounding import ground_policy
+
+            policy = ScorePolicy.from_pretrained(init_from, map_location=adapter.device)
+            g = ground_policy(cfg, adapter, policy, log=log)
+            init_from = str(policy.save_pretrained(out / "grounding" / "policy"))
+            stages["grounding"] = dict(g, policy=init_from)
     final = policy.save_pretrained(out / "final" / "policy")
     summary = {
         "seed": seed,

@@ -234,3 +234,14 @@ def tiny_mllm():
         return adapter_for(model, tok, **{**family(kind).tiny_adapter_kwargs, **kwargs})
 
     return make
+
+
+def object_tokens(o: dict, gh: int = 4, gw: int = 4, size: int = 64) -> set[int]:
+    """Flat indices of the ``(T, gh, gw)`` tokens an annotated object's boxes overlap (square
+    frames of ``size`` pixels): the reference the annotation-based selections are checked against."""
+    out, ch, cw = set(), size / gh, size / gw
+    for t, b in enumerate(o["boxes"]):
+        if b:
+            out |= {t * gh * gw + gy * gw + gx for gy in range(gh) for gx in range(gw)
+                    if min(b[3], (gy + 1) * ch) > max(b[1], gy * ch) and min(b[2], (gx + 1) * cw) > max(b[0], gx * cw)}
+    return out

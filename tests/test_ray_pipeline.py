@@ -349,6 +349,28 @@ def test_curriculum_as_ray_jobs(assets, monkeypatch):
     assert rescored == {k: chosen[k] for k in ("0.25", "0.5", "score")}
 
 
+@pytest.mark.slow
+def test_curriculum_runs_the_grounding_warm_start_between_the_stages(assets):
+    """With ``grounding.epochs`` the curriculum submits ``jobs/ground_policy.py`` as a Ray job
+    between the stages, and stage 2 (a question-aware policy through the rollout actors and the
+    DeepSpeed learner) starts from the warm-started policy it wrote."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "jobs" / "train_curriculum.py"), "--config", str(assets / "cfg.yaml"),
+           "--run", "grounded", "--no-eval", "--set", "policy.question_aware=true", "--set", "grounding.epochs=1"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    run_dir = assets / "runs" / "grounded"
+    warm = run_dir / "grounding" / "policy"
+    assert "[grounding] epoch 1/1" in (run_dir / "logs" / "grounding.log").read_text()  # the job's whole log
+    assert summary["stages"]["real_video"]["init_from"] == str(warm)
+    from pipeline.policy import ScorePolicy
+
+    assert ScorePolicy.from_pretrained(warm).cfg.question_aware
+    assert ScorePolicy.from_pretrained(run_dir / "final" / "policy").cfg.question_aware
+
+
 # ------------------------------------------------------------------------------------- crash + resume
 def _expected_epoch_ids(cfg: Config, epochs: int) -> list[set[str]]:
     """The sample ids of each data epoch of stage 1 (the single-process iterator regroups epoch

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import object_tokens
 
 from pipeline.baselines import SELECTORS, asked_share, objects_oracle_select, oracle_select, uniform_temporal
 from pipeline.select import SelectionContext, budget
@@ -65,16 +66,6 @@ def test_oracle_covers_the_question_objects():
         oracle_select(torch.zeros(T, N, 1), 4, SelectionContext(grid=(T, GH, GW)))
 
 
-def _object_tokens(o) -> set[int]:
-    """Flat indices of the (T, GH, GW) tokens a box overlaps (frames 64 x 64)."""
-    out, ch, cw = set(), 64 / GH, 64 / GW
-    for t, b in enumerate(o["boxes"]):
-        if b:
-            out |= {t * N + gy * GW + gx for gy in range(GH) for gx in range(GW)
-                    if min(b[3], (gy + 1) * ch) > max(b[1], gy * ch) and min(b[2], (gx + 1) * cw) > max(b[0], gx * cw)}
-    return out
-
-
 @pytest.mark.unit
 def test_objects_oracle_keeps_every_object_and_the_question_oracle_only_the_asked_ones():
     cfg = WorldConfig(frames=T, min_objects=2, max_objects=3)
@@ -83,7 +74,7 @@ def test_objects_oracle_keeps_every_object_and_the_question_oracle_only_the_aske
         v = make_video(cfg, sample_rng(0, "eval", "video", i))
         if not v["qa"] or len(v["qa"][0]["objects"]) == len(v["objects"]):
             continue
-        toks = {o["id"]: _object_tokens(o) for o in v["objects"]}
+        toks = {o["id"]: object_tokens(o) for o in v["objects"]}
         every = set().union(*toks.values())
         asked = set().union(*(toks[j] for j in v["qa"][0]["objects"]))
         k = len(asked)  # exactly the asked objects' tokens: the question oracle keeps those and nothing else
@@ -106,7 +97,7 @@ def test_asked_share_counts_the_kept_tokens_on_the_question_objects():
         v = make_video(cfg, sample_rng(0, "eval", "video", i))
         if not v["qa"] or len(v["qa"][0]["objects"]) == len(v["objects"]):
             continue
-        toks = {o["id"]: _object_tokens(o) for o in v["objects"]}
+        toks = {o["id"]: object_tokens(o) for o in v["objects"]}
         asked = set().union(*(toks[j] for j in v["qa"][0]["objects"]))
         every = set().union(*toks.values())
         off = sorted(set(range(T * N)) - every)[:5]
