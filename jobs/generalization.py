@@ -69,40 +69,35 @@ def outside_ranges(base: WorldConfig, shifted: WorldConfig) -> list[str]:
     return out
 
 
+def _world_table(results: dict[str, dict], retentions: list[float], cell, first: list[str] = ()) -> str:
+    """A markdown table with a row per method and a column per world x retention; ``cell(row)``
+    formats one method's row at one world and retention (None where it did not run)."""
+    worlds = list(results)
+    lines = ["| method | " + " | ".join(f"{w} {r:.0%}" for w in worlds for r in retentions) + " |",
+             "|---|" + "---|" * (len(worlds) * len(retentions)), *first]
+    for m in dict.fromkeys(row["method"] for w in worlds for row in results[w]["rows"]):
+        rows = [next((x for x in results[w]["rows"] if x["method"] == m and x["retention"] == r), None)
+                for w in worlds for r in retentions]
+        lines.append(f"| {m} | " + " | ".join(cell(row) for row in rows) + " |")
+    return "\n".join(lines)
+
+
 def protocol_table(results: dict[str, dict], retentions: list[float]) -> str:
     """One markdown table: a row per method, a column per world x retention (accuracy, % of full)."""
-    worlds = list(results)
-    head = "| method | " + " | ".join(f"{w} {r:.0%}" for w in worlds for r in retentions) + " |"
-    lines = [head, "|---|" + "---|" * (len(worlds) * len(retentions)),
-             "| full tokens | " + " | ".join(f"{results[w]['full']['accuracy']:.3f}" for w in worlds for _ in retentions) + " |"]
-    methods = list(dict.fromkeys(row["method"] for w in worlds for row in results[w]["rows"]))
-    for m in methods:
-        cells = []
-        for w in worlds:
-            for r in retentions:
-                row = next((x for x in results[w]["rows"] if x["method"] == m and x["retention"] == r), None)
-                pct = "" if row is None or row["pct_of_full"] is None else f" ({row['pct_of_full']:.1f}%)"
-                cells.append("-" if row is None else f"{row['accuracy']:.3f}{pct}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def cell(row: dict | None) -> str:
+        pct = "" if row is None or row["pct_of_full"] is None else f" ({row['pct_of_full']:.1f}%)"
+        return "-" if row is None else f"{row['accuracy']:.3f}{pct}"
+
+    full = "| full tokens | " + " | ".join(f"{results[w]['full']['accuracy']:.3f}" for w in results for _ in retentions) + " |"
+    return _world_table(results, retentions, cell, [full])
 
 
 def asked_table(results: dict[str, dict], retentions: list[float]) -> str:
     """Per method, world and retention: the share of the kept tokens on the question's objects
     (videos where the question leaves some object out). Whether a selection reads the question:
     a question-agnostic one can only find the objects, the question oracle keeps the asked ones."""
-    worlds = list(results)
-    lines = ["| method | " + " | ".join(f"{w} {r:.0%}" for w in worlds for r in retentions) + " |",
-             "|---|" + "---|" * (len(worlds) * len(retentions))]
-    for m in dict.fromkeys(row["method"] for w in worlds for row in results[w]["rows"]):
-        cells = []
-        for w in worlds:
-            for r in retentions:
-                row = next((x for x in results[w]["rows"] if x["method"] == m and x["retention"] == r), None)
-                share = None if row is None else row.get("asked_share")
-                cells.append("-" if share is None else f"{share:.3f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _world_table(results, retentions,
+                        lambda row: "-" if row is None or row.get("asked_share") is None else f"{row['asked_share']:.3f}")
 
 
 def cost_table(results: dict[str, dict]) -> str:

@@ -41,9 +41,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     adapter = load_mllm(cfg.mllm)
     policy = ScorePolicy.from_pretrained(args.init_policy, map_location=adapter.device, s3=cfg.data.s3)
-    if not policy.cfg.question_aware:
-        raise SystemExit(f"error: --init-policy {args.init_policy} is question-agnostic: the warm start needs a "
-                         "question-aware policy (policy.question_aware: true)")
     try:
         summary = ground_policy(cfg, adapter, policy, log=lambda m: print(m, flush=True))
     except ValueError as e:

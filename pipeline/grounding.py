@@ -143,14 +143,18 @@ def grounding_pairs(adapter: Any, cfg: Config, *, quarantine: Counter | None = N
         log(f"[grounding] skipped: {dict(q)}")
 
 
+def _require_question_aware(policy: torch.nn.Module) -> None:
+    if not getattr(policy, "cfg").question_aware:
+        raise ValueError("grounding: the policy is question-agnostic (set policy.question_aware: true)")
+
+
 def warm_start(policy: torch.nn.Module, pairs: list[GroundingPair], gcfg: GroundingConfig, seed: int,
                log: Callable[[str], Any] | None = print) -> dict[str, Any]:
     """``gcfg.epochs`` passes of the two-level loss over ``pairs`` (shuffled per epoch from
     ``seed``; AdamW, ``gcfg.batch_size`` pairs per step), in place. Logs one line per epoch: the
     mean loss, the share of each pair's top-``|asked|`` tokens that are asked tokens, the time.
     Returns ``{pairs, epochs: [{loss, precision, seconds}]}``."""
-    if not getattr(policy, "cfg").question_aware:
-        raise ValueError("grounding: the policy is question-agnostic (set policy.question_aware: true)")
+    _require_question_aware(policy)
     if not pairs:
         raise ValueError("grounding: no (video, question) pair with object annotations under data.video_shards")
     device = next(policy.parameters()).device
@@ -190,6 +194,7 @@ def warm_start(policy: torch.nn.Module, pairs: list[GroundingPair], gcfg: Ground
 def ground_policy(cfg: Config, adapter: Any, policy: torch.nn.Module, *,
                   log: Callable[[str], Any] | None = print) -> dict[str, Any]:
     """The warm start of a curriculum: pairs from the stage-2 videos, then :func:`warm_start`."""
+    _require_question_aware(policy)  # before encoding every video
     q: Counter = Counter()
     t0 = time.perf_counter()
     pairs = list(grounding_pairs(adapter, cfg, quarantine=q, log=log))

@@ -968,8 +968,7 @@ def train_curriculum_local(
         if stage == "pseudo_video" and cfg.grounding.epochs:  # the warm start of a question-aware policy
             from pipeline.grounding import ground_policy
 
-            policy = ScorePolicy.from_pretrained(init_from, map_location=adapter.device)
-            g = ground_policy(cfg, adapter, policy, log=log)
+            g = ground_policy(cfg, adapter, policy, log=log)  # stage 1's policy, in place
             init_from = str(policy.save_pretrained(out / "grounding" / "policy"))
             stages["grounding"] = dict(g, policy=init_from)
     final = policy.save_pretrained(out / "final" / "policy")

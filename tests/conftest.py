@@ -245,3 +245,18 @@ def object_tokens(o: dict, gh: int = 4, gw: int = 4, size: int = 64) -> set[int]
             out |= {t * gh * gw + gy * gw + gx for gy in range(gh) for gx in range(gw)
                     if min(b[3], (gy + 1) * ch) > max(b[1], gy * ch) and min(b[2], (gx + 1) * cw) > max(b[0], gx * cw)}
     return out
+
+
+def partly_asked_videos(frames: int, count: int = 20):
+    """Shapes-world videos (2-3 objects, 64 x 64, a 4 x 4 grid) whose first question leaves some
+    object out: ``(video, the asked objects' tokens, every object's tokens)``."""
+    from pipeline.config import WorldConfig
+    from pipeline.data.world import make_video, sample_rng
+
+    cfg = WorldConfig(frames=frames, min_objects=2, max_objects=3)
+    for i in range(count):
+        v = make_video(cfg, sample_rng(0, "eval", "video", i))
+        if not v["qa"] or len(v["qa"][0]["objects"]) == len(v["objects"]):
+            continue
+        toks = {o["id"]: object_tokens(o) for o in v["objects"]}
+        yield v, set().union(*(toks[j] for j in v["qa"][0]["objects"])), set().union(*toks.values())

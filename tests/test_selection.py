@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import object_tokens
+from conftest import partly_asked_videos
 
 from pipeline.baselines import SELECTORS, asked_share, objects_oracle_select, oracle_select, uniform_temporal
 from pipeline.select import SelectionContext, budget
@@ -68,21 +68,14 @@ def test_oracle_covers_the_question_objects():
 
 @pytest.mark.unit
 def test_objects_oracle_keeps_every_object_and_the_question_oracle_only_the_asked_ones():
-    cfg = WorldConfig(frames=T, min_objects=2, max_objects=3)
     checked = 0
-    for i in range(20):
-        v = make_video(cfg, sample_rng(0, "eval", "video", i))
-        if not v["qa"] or len(v["qa"][0]["objects"]) == len(v["objects"]):
-            continue
-        toks = {o["id"]: object_tokens(o) for o in v["objects"]}
-        every = set().union(*toks.values())
-        asked = set().union(*(toks[j] for j in v["qa"][0]["objects"]))
+    for v, asked, every in partly_asked_videos(T):
         k = len(asked)  # exactly the asked objects' tokens: the question oracle keeps those and nothing else
         assert set(oracle_select(torch.zeros(T, N, 1), k, _ctx(v)).tolist()) == asked
         every_keep = set(objects_oracle_select(torch.zeros(T, N, 1), len(every), _ctx(v)).tolist())
         assert every_keep == every and every_keep != asked  # whatever the question, every object
         small = set(objects_oracle_select(torch.zeros(T, N, 1), budget(0.1, T * N), _ctx(v)).tolist())
-        assert len(every) < budget(0.1, T * N) or small <= every, i  # at 10%: object tokens only, when they fill K
+        assert len(every) < budget(0.1, T * N) or small <= every  # at 10%: object tokens only, when they fill K
         checked += 1
     assert checked >= 5
     with pytest.raises(ValueError, match="annotations"):
@@ -91,15 +84,8 @@ def test_objects_oracle_keeps_every_object_and_the_question_oracle_only_the_aske
 
 @pytest.mark.unit
 def test_asked_share_counts_the_kept_tokens_on_the_question_objects():
-    cfg = WorldConfig(frames=T, min_objects=2, max_objects=3)
     checked = 0
-    for i in range(20):
-        v = make_video(cfg, sample_rng(0, "eval", "video", i))
-        if not v["qa"] or len(v["qa"][0]["objects"]) == len(v["objects"]):
-            continue
-        toks = {o["id"]: object_tokens(o) for o in v["objects"]}
-        asked = set().union(*(toks[j] for j in v["qa"][0]["objects"]))
-        every = set().union(*toks.values())
+    for v, asked, every in partly_asked_videos(T):
         off = sorted(set(range(T * N)) - every)[:5]
         ctx = _ctx(v)
         assert asked_share(torch.tensor(sorted(asked)), ctx) == 1.0
