@@ -235,6 +235,8 @@ class ReferenceConfig(_Strict):
     direction_layer: int = Field(0, ge=0, description="direction_aux is read after this many LM layers through the final norm and head "
                                  "(0: the last layer), so the direction is formed where later layers' answer positions can still read it")
     position_aux: float = Field(0.0, ge=0.0, description="weight of a vision-side dense loss: a linear head names each visual token's grid cell (the 1-D RoPE LM gets no 2-D position otherwise)")
+    binding_aux: float = Field(0.0, ge=0.0, description="weight of an LM-side attention loss: at the answer position, head 0 of the last layer puts its attention "
+                               "on the visual tokens of the objects the question names (the question-object binding, which more objects in a frame otherwise dilute)")
     qa_per_sample: int = Field(1, ge=1, description="questions per QA sample: further questions on the same video follow as turns (needs target_eos)")
     codec_aug: float = Field(0.5, ge=0.0, le=1.0, description="share of training videos sent through a 4:2:0 chroma round trip (as the H.264 shards)")
     eval_videos: int = Field(200, ge=1)

@@ -158,3 +158,39 @@ def test_direction_loss_at_a_middle_layer():
     assert torch.allclose(tr._direction_loss(out.last_hidden_state, batch), own) and not torch.allclose(own, last)
     with pytest.raises(ValueError, match="direction_layer"):
         ReferenceConfig(layers=2, direction_layer=3)
+
+
+@pytest.mark.unit
+def test_binding_loss_is_the_models_own_attention_on_the_named_object():
+    """``binding_aux``: the asked labels cover the tokens of the objects the question names, and the
+    loss is ``-log`` of the attention mass head 0 of the last layer puts on them from the position
+    that predicts the answer: equal to the same mass in the LM's own eager ``output_attentions``."""
+    from pipeline.mllm.llava_onevision import video_features
+    from pipeline.mllm.reference import Pretrainer, build_model, build_tokenizer
+
+    w = WorldConfig(size=32, grid=2, frames=4, motion=["static"], object_size=0.375, jitter=0, min_objects=2, max_objects=2)
+    r = ReferenceConfig(hidden=32, layers=2, heads=2, vision_hidden=16, steps=4, binding_steps=0, tokens_per_batch=256,
+                        caption_fraction=0.0, pseudo_fraction=0.0, binding_aux=1.0)
+    tok = build_tokenizer()
+    tr = Pretrainer(r, w, build_model(r, w, tok), tok)
+    torch.manual_seed(0)
+    pixels, keep, prompts, targets, labels = tr.batch()
+    asked = labels["asked"]
+    # two objects, one named: the named one's tokens only, a strict subset of the object tokens
+    assert asked.any() and ((labels["shape"] >= 0) & ~asked).any() and not (asked & (labels["shape"] < 0)).any()
+    X = video_features(tr.model, pixels)[:, :-1].reshape(*pixels.shape[:2], -1, r.hidden)
+    batch = tr.adapter._masked_batch(X, keep, prompts, targets, side={"asked": asked.long()})
+    tr.adapter._lm(batch)
+    loss = tr._binding_loss(batch)
+    tr.model.set_attn_implementation("eager")
+    out = tr.adapter.language_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids, output_attentions=True)
+    A = out.attentions[-1][:, 0]  # [R, L, L], head 0
+    pos = batch.target_mask.float().argmax(1) - 1
+    on = batch.side["asked"] > 0
+    rows = on.any(1)
+    mass = torch.stack([A[i, pos[i]][on[i]].sum() for i in range(A.shape[0])])
+    assert rows.any() and torch.allclose(loss, -mass[rows].log().mean(), atol=1e-5)
+    m = tr.step()  # the training step adds it
+    assert m["bind_loss"] > 0
+    assert spec_hash(r, w) != spec_hash(r.model_copy(update={"binding_aux": 0.0}), w)  # a different build

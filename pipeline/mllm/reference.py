@@ -25,7 +25,9 @@ naming each token's cell (``position_aux``: the LM's 1-D RoPE carries no 2-D pos
 LM-side dense loss where the LM's own head emits the direction word on a moving object's tokens
 (``direction_aux``; read after ``direction_layer`` layers, so the direction exists where the
 answer position's later layers can still read it), and a sampling weight per question type
-(``type_weights``).
+(``type_weights``). The question-object binding has one too (``binding_aux``): from the position
+that predicts the answer, one head of the last layer must put its attention on the tokens of the
+objects the question names, so the answer reads them and not the distractors, however many.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def spec_hash(rcfg: ReferenceConfig, wcfg: WorldConfig) -> str:
     # eval_every picks the candidate checkpoints only when the build selects one on validation
     ref = rcfg.model_dump(exclude={"eval_videos", "min_qa_accuracy"} | ({"eval_every"} if not rcfg.select_videos else set()))
     for k, off in (("type_weights", {}), ("direction_aux", 0.0), ("position_aux", 0.0), ("direction_layer", 0),
-                   ("select_videos", 0)):
+                   ("select_videos", 0), ("binding_aux", 0.0)):
         if ref[k] == off:  # knobs added later hash only when set: existing builds stay cached
             del ref[k]
     blob = json.dumps({"reference": ref,
@@ -190,6 +192,9 @@ class Pretrainer:
         self._mid = None  # direction_layer: that layer's output, kept by a forward hook during training steps
         if rcfg.direction_aux > 0 and rcfg.direction_layer:
             self.adapter.language_model.layers[rcfg.direction_layer - 1].register_forward_hook(self._keep_mid)
+        self._attn_in = None  # binding_aux: the last layer's attention input, kept by a pre-hook during training steps
+        if rcfg.binding_aux > 0:
+            self.adapter.language_model.layers[-1].self_attn.register_forward_pre_hook(self._keep_attn_in, with_kwargs=True)
         self.eos = tokenizer.eos_token
         self.step_idx = 0
         self.sample_idx = 0
@@ -253,7 +258,8 @@ class Pretrainer:
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str], dict[str, torch.Tensor]]:
         """``(pixels[B,T,3,S,S], keep[B,1,T*N], prompts, targets, labels)`` of fresh training
         samples; ``labels[name]`` is ``[B,T,N]`` (-1 = background) for the auxiliary heads
-        (``direction``: -1 except on a moving object's tokens, see :func:`token_directions`)."""
+        (``direction``: -1 except on a moving object's tokens, see :func:`token_directions`;
+        ``asked``: bool, the tokens of the objects the sample's question names)."""
         r, w = self.rcfg, self.wcfg
         t = int(self.rng.choice(frames_schedule(self.step_idx, r.steps, w.frames_max or w.frames, r.binding_steps)))
         n = self.adapter.visual_grid(t)[1] * self.adapter.visual_grid(t)[2]
@@ -263,7 +269,7 @@ class Pretrainer:
         short = ("static",) if t < 2 else ("static", "linear", "bounce")
         world = w if t >= 4 else w.model_copy(update={"motion": [m for m in w.motion if m in short] or ["static"]})
         types = sorted({q for q in QUESTION_TYPES if _possible(q, world.motion)})
-        pixels, prompts, targets, colors, shapes, dirs, is_qa = [], [], [], [], [], [], []
+        pixels, prompts, targets, colors, shapes, dirs, asked, is_qa = [], [], [], [], [], [], [], []
         grid = self.adapter.visual_grid(t)[1:]
         end = f" {self.eos}" if r.target_eos else ""
         for i in range(bs):
@@ -283,6 +289,8 @@ class Pretrainer:
             colors.append(torch.from_numpy(c))
             shapes.append(torch.from_numpy(sh))
             dirs.append(torch.from_numpy(token_directions(v["objects"], t, w.size, grid)))
+            named = [o for o in v["objects"] if q is not None and o["id"] in q.get("objects", ())]
+            asked.append(torch.from_numpy(token_labels(named, t, w.size, grid)[1] >= 0) if named else torch.zeros(t, n, dtype=torch.bool))
             if q is None:
                 prompts.append(CAPTION_PROMPT)
                 targets.append(v["caption"] + end)
@@ -303,7 +311,7 @@ class Pretrainer:
                 drop[self.rng.integers(t * n)] = False  # never an empty video
                 keep[b, 0] = ~drop
         return torch.stack(pixels), keep, prompts, targets, {"color": torch.stack(colors), "shape": torch.stack(shapes),
-                                                             "direction": torch.stack(dirs)}
+                                                             "direction": torch.stack(dirs), "asked": torch.stack(asked)}
 
     def _answer_ce(self, hidden: torch.Tensor, batch) -> torch.Tensor:
         """Per-sample mean NLL over the answer tokens (the word after ``answer :``, and ``<eos>``)
@@ -324,6 +332,37 @@ class Pretrainer:
     def _keep_mid(self, module, args, out) -> None:
         if module.training:
             self._mid = out[0] if isinstance(out, tuple) else out
+
+    def _keep_attn_in(self, module, args, kwargs) -> None:
+        if module.training:
+            self._attn_in = (kwargs["hidden_states"], kwargs["position_embeddings"])
+
+    def _binding_loss(self, batch) -> torch.Tensor:
+        """LM-side binding loss: ``-log`` of the attention mass that head 0 of the last layer puts
+        on the named objects' kept visual tokens, from the position that predicts the answer.
+        Recomputed for that one query from the layer's own projections and RoPE, so it is exactly
+        the attention the forward used. Rows without a question or a kept named token add nothing."""
+        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+        on = batch.side["asked"] > 0  # [R, L]
+        first = batch.target_mask.float().argmax(1)  # first answer token; the position before predicts it
+        rows = on.any(1) & self.last_is_qa & batch.target_mask.any(1) & (first > 0)
+        if not bool(rows.any()):
+            return torch.zeros(())
+        attn = self.adapter.language_model.layers[-1].self_attn
+        h, (cos, sin) = self._attn_in
+        hd = attn.head_dim
+        q = attn.q_proj(h)[..., :hd].unsqueeze(1)  # head 0: [R, 1, L, hd]
+        k = attn.k_proj(h)[..., :hd].unsqueeze(1)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        r = torch.arange(h.shape[0])
+        pos = (first - 1).clamp(min=0)
+        scores = (k[:, 0] @ q[r, 0, pos].unsqueeze(-1)).squeeze(-1) * attn.scaling  # [R, L]
+        L = h.shape[1]
+        valid = (torch.arange(L).unsqueeze(0) <= pos.unsqueeze(1)) & batch.attention_mask.bool()
+        logp = torch.log_softmax(scores.float().masked_fill(~valid, float("-inf")), dim=1)
+        mass = torch.logsumexp(logp.masked_fill(~(on & valid), float("-inf")), dim=1)
+        return -mass[rows].mean()
 
     def _direction_loss(self, hidden: torch.Tensor, batch) -> torch.Tensor:
         """LM-side dense direction loss: on a moving object's visual tokens (after it left its
@@ -350,8 +389,12 @@ class Pretrainer:
         X = feats.reshape(B, T, -1, feats.shape[-1])
         # the adapter's masked path (as target_ce, which scores rollouts), run here once for both losses
         ad = self.adapter
-        side = {"direction": labels["direction"] + 1} if self.rcfg.direction_aux > 0 else None
-        lm_batch = ad._masked_batch(X, keep, prompts, targets, side=side)
+        side = {}
+        if self.rcfg.direction_aux > 0:
+            side["direction"] = labels["direction"] + 1
+        if self.rcfg.binding_aux > 0:
+            side["asked"] = labels["asked"].long()
+        lm_batch = ad._masked_batch(X, keep, prompts, targets, side=side or None)
         hidden = ad._lm(lm_batch).last_hidden_state
         if self.rcfg.qa_per_sample > 1:
             ce = self._answer_ce(hidden, lm_batch)
@@ -362,7 +405,8 @@ class Pretrainer:
         lm_loss = (ce * wts).sum() / wts.sum()
         aux_loss = self._aux_loss(X, labels) if self.rcfg.aux_weight > 0 else torch.zeros(())
         dir_loss = self._direction_loss(hidden, lm_batch) if self.rcfg.direction_aux > 0 else torch.zeros(())
-        loss = lm_loss + self.rcfg.aux_weight * aux_loss + self.rcfg.direction_aux * dir_loss
+        bind_loss = self._binding_loss(lm_batch) if self.rcfg.binding_aux > 0 else torch.zeros(())
+        loss = lm_loss + self.rcfg.aux_weight * aux_loss + self.rcfg.direction_aux * dir_loss + self.rcfg.binding_aux * bind_loss
         if self.rcfg.position_aux > 0:  # every token's own cell index
             cells = torch.arange(X.shape[2]).expand(B, T, -1)
             loss = loss + self.rcfg.position_aux * torch.nn.functional.cross_entropy(self.aux_pos(X).flatten(0, 2), cells.flatten())
@@ -371,7 +415,8 @@ class Pretrainer:
         torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
         self.opt.step()
         self.step_idx += 1
-        return {"loss": float(lm_loss.detach()), "aux_loss": float(aux_loss.detach()), "dir_loss": float(dir_loss.detach()), "frames": T, "batch": B, "lr": self._lr(),
+        return {"loss": float(lm_loss.detach()), "aux_loss": float(aux_loss.detach()), "dir_loss": float(dir_loss.detach()),
+                "bind_loss": float(bind_loss.detach()), "frames": T, "batch": B, "lr": self._lr(),
                 "time_data": t_data, "time_step": time.perf_counter() - t0}
 
 
@@ -401,7 +446,8 @@ def pretrain(rcfg: ReferenceConfig, wcfg: WorldConfig, out: str | Path,
         m = trainer.step()
         ema = m["loss"] if ema is None else 0.98 * ema + 0.02 * m["loss"]
         # refresh=False: drawn at the bar's own interval (every step would bloat non-tty logs)
-        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{m['aux_loss']:.3f}", T=m["frames"], B=m["batch"], refresh=False)
+        extra = {"bind": f"{m['bind_loss']:.2f}"} if rcfg.binding_aux > 0 else {}
+        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{m['aux_loss']:.3f}", T=m["frames"], B=m["batch"], **extra, refresh=False)
         if probe is not None and (s + 1) % rcfg.eval_every == 0 and s + 1 < rcfg.steps:
             model.eval()
             res = probe(trainer.adapter)
