@@ -259,7 +259,7 @@ class Pretrainer:
         """``(pixels[B,T,3,S,S], keep[B,1,T*N], prompts, targets, labels)`` of fresh training
         samples; ``labels[name]`` is ``[B,T,N]`` (-1 = background) for the auxiliary heads
         (``direction``: -1 except on a moving object's tokens, see :func:`token_directions`;
-        ``asked``: bool, the tokens of the objects the sample's question names)."""
+        ``asked``: bool, the tokens of the objects the sample's question names; with ``binding_aux`` only)."""
         r, w = self.rcfg, self.wcfg
         t = int(self.rng.choice(frames_schedule(self.step_idx, r.steps, w.frames_max or w.frames, r.binding_steps)))
         n = self.adapter.visual_grid(t)[1] * self.adapter.visual_grid(t)[2]
@@ -289,7 +289,7 @@ class Pretrainer:
             colors.append(torch.from_numpy(c))
             shapes.append(torch.from_numpy(sh))
             dirs.append(torch.from_numpy(token_directions(v["objects"], t, w.size, grid)))
-            named = [o for o in v["objects"] if q is not None and o["id"] in q.get("objects", ())]
+            named = [o for o in v["objects"] if q is not None and o["id"] in q.get("objects", ())] if r.binding_aux > 0 else []
             asked.append(torch.from_numpy(token_labels(named, t, w.size, grid)[1] >= 0) if named else torch.zeros(t, n, dtype=torch.bool))
             if q is None:
                 prompts.append(CAPTION_PROMPT)
